@@ -1,0 +1,5 @@
+import sys
+
+from dpcompile.cli import main
+
+sys.exit(main())

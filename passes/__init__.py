@@ -1,0 +1,1 @@
+"""The dpcompile compiler: capture, sample-dimension analysis, per-sample rules, clipping, lowering."""
