@@ -1,0 +1,361 @@
+"""Per-sample gradient forms: how one use of a parameter contributes to each sample's gradient.
+
+A parameter gradient in a traced backward is a sum over samples. The per-sample rules
+(``passes/per_sample_rules.py``) turn each reducing node into one of these forms, which keep the
+per-sample structure without necessarily materializing a ``(B, *param.shape)`` tensor:
+
+- :class:`Outer` — ``G_b = Σ_t rows[b,t] ⊗ cols[b,t]`` (linear layers, convolutions after
+  unfolding, RNN weights over time steps), optionally block-diagonal over ``groups``;
+- :class:`Lookup` — ``G_b = Σ_t e_{index[b,t]} ⊗ cols[b,t]`` (embedding tables);
+- :class:`Scattered` — entry ``(index[b,t,c], c)`` receives ``values[b,t,c]`` (max-mode bags);
+- :class:`Dense` — the per-sample gradients themselves, ``(B, *shape)``.
+
+:func:`combine_sq_norms` computes ``‖Σ_uses G_b‖²`` for every sample, cross terms between uses
+included, choosing per parameter between ghost norms and materialization by cost.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from passes.sample_dims import SampleDim
+
+# Materializing more than this many per-sample gradient elements for one parameter is refused
+# in favour of ghost norms, whatever the flop count says (about 1 GiB in float32).
+MATERIALIZE_ELEMENT_LIMIT = 1 << 28
+# Up to this many positions per sample, embedding norms use the (T x T) equality trick;
+# beyond it, sorting (sample, index) keys and summing runs is cheaper.
+LOOKUP_GHOST_MAX_POSITIONS = 16
+
+
+def split_samples(t: torch.Tensor, sd: SampleDim, batch: int) -> torch.Tensor:
+    """Move samples to a new leading dimension: (…, o·B·i, …) → (B, …, o·i, …)."""
+    d = sd.dim
+    shape = tuple(t.shape)
+    moved = t.unflatten(d, (sd.outer, batch, sd.inner)).movedim(d + 1, 0)
+    return moved.reshape(batch, *shape[:d], sd.outer * sd.inner, *shape[d + 1 :])
+
+
+def rows_per_sample(t: torch.Tensor, sd: SampleDim, batch: int, trailing: int) -> torch.Tensor:
+    """(B, T, *last ``trailing`` dims): every position of a sample's slice as one row."""
+    per_sample = split_samples(t, sd, batch)
+    tail = tuple(per_sample.shape[per_sample.dim() - trailing :]) if trailing else ()
+    return per_sample.reshape(batch, -1, *tail)
+
+
+def scale_samples(t: torch.Tensor, sd: SampleDim, weights: torch.Tensor) -> torch.Tensor:
+    """Multiply sample ``b``'s slice of ``t`` by ``weights[b]``."""
+    batch = weights.shape[0]
+    d = sd.dim
+    split = t.unflatten(d, (sd.outer, batch, sd.inner))
+    view = [1] * split.dim()
+    view[d + 1] = batch
+    return (split * weights.to(t.dtype).view(view)).flatten(d, d + 2)
+
+
+class GradForm:
+    """One use's contribution to every sample's gradient, standing for a ``(B, *shape)`` tensor."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def batch(self) -> int:
+        raise NotImplementedError
+
+    def view(self, shape: tuple[int, ...]) -> GradForm:
+        raise NotImplementedError
+
+    def transpose(self) -> GradForm | None:
+        return None
+
+    def materialize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class Dense(GradForm):
+    values: torch.Tensor  # (B, *shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return tuple(self.values.shape[1:])
+
+    @property
+    def batch(self) -> int:
+        return int(self.values.shape[0])
+
+    def view(self, shape: tuple[int, ...]) -> GradForm:
+        return Dense(self.values.reshape(self.batch, *shape))
+
+    def transpose(self) -> GradForm | None:
+        return Dense(self.values.transpose(-1, -2))
+
+    def materialize(self) -> torch.Tensor:
+        return self.values
+
+    def sq_norm(self) -> torch.Tensor:
+        return self.values.pow(2).flatten(1).sum(1)
+
+
+@dataclass
+class Outer(GradForm):
+    rows: torch.Tensor  # (B, T, G, R)
+    cols: torch.Tensor  # (B, T, G, C)
+    shape: tuple[int, ...]  # layout (G, R, C), row-major, viewed as `shape`
+
+    @property
+    def batch(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def dims(self) -> tuple[int, int, int, int]:
+        _, t, g, r = self.rows.shape
+        return int(t), int(g), int(r), int(self.cols.shape[-1])
+
+    def view(self, shape: tuple[int, ...]) -> GradForm:
+        return Outer(self.rows, self.cols, tuple(shape))
+
+    def transpose(self) -> GradForm | None:
+        t, g, r, c = self.dims
+        if g != 1 or len(self.shape) != 2:
+            return None
+        return Outer(self.cols, self.rows, (self.shape[1], self.shape[0]))
+
+    def ghost_cost(self) -> tuple[int, int]:
+        """(flops, memory elements) of the ghost norm."""
+        t, g, r, c = self.dims
+        if t == 1:
+            return self.batch * g * (r + c), self.batch * g
+        return self.batch * g * t * t * (r + c), 2 * self.batch * g * t * t
+
+    def materialize_cost(self) -> tuple[int, int]:
+        t, g, r, c = self.dims
+        return self.batch * t * g * r * c, self.batch * g * r * c
+
+    def prefers_ghost(self) -> bool:
+        """Ghost O(B·T²·(R+C)) against materialized O(B·T·R·C), memory permitting."""
+        ghost_flops, ghost_mem = self.ghost_cost()
+        mat_flops, mat_mem = self.materialize_cost()
+        if mat_mem > MATERIALIZE_ELEMENT_LIMIT and ghost_mem < mat_mem:
+            return True
+        if ghost_mem > MATERIALIZE_ELEMENT_LIMIT and mat_mem < ghost_mem:
+            return False
+        return ghost_flops <= mat_flops
+
+    def sq_norm(self) -> torch.Tensor:
+        """Ghost norm: Σ_g Σ_{t,s} ⟨rows_t, rows_s⟩·⟨cols_t, cols_s⟩."""
+        t = self.rows.shape[1]
+        if t == 1:
+            r2 = self.rows.pow(2).sum(-1)
+            c2 = self.cols.pow(2).sum(-1)
+            return (r2 * c2).flatten(1).sum(1)
+        gram_rows = torch.einsum("btgr,bsgr->bgts", self.rows, self.rows)
+        gram_cols = torch.einsum("btgc,bsgc->bgts", self.cols, self.cols)
+        return (gram_rows * gram_cols).flatten(1).sum(1)
+
+    def materialize(self) -> torch.Tensor:
+        per_sample = torch.einsum("btgr,btgc->bgrc", self.rows, self.cols)
+        return per_sample.reshape(self.batch, *self.shape)
+
+    def compatible(self, other: Outer) -> bool:
+        return self.dims[1:] == other.dims[1:] and math.prod(self.shape) == math.prod(other.shape)
+
+
+@dataclass
+class Lookup(GradForm):
+    index: torch.Tensor  # (B, T) integer rows
+    cols: torch.Tensor  # (B, T, C)
+    num_rows: int
+    shape: tuple[int, ...]  # layout (num_rows, C)
+
+    @property
+    def batch(self) -> int:
+        return int(self.index.shape[0])
+
+    def view(self, shape: tuple[int, ...]) -> GradForm:
+        return Lookup(self.index, self.cols, self.num_rows, tuple(shape))
+
+    def materialize(self) -> torch.Tensor:
+        raise NotImplementedError("embedding gradients are never materialized per sample")
+
+    def sq_norm(self) -> torch.Tensor:
+        batch, t = self.index.shape
+        if t <= LOOKUP_GHOST_MAX_POSITIONS:
+            same = (self.index[:, :, None] == self.index[:, None, :]).to(self.cols.dtype)
+            gram = torch.einsum("btc,bsc->bts", self.cols, self.cols)
+            return (same * gram).sum((1, 2))
+        return _segment_sq_norms(self.index, self.cols, self.num_rows)
+
+    def inner_dense(self, dense: torch.Tensor) -> torch.Tensor:
+        """⟨this, dense⟩ per sample for a dense (B, *shape) gradient."""
+        c = self.cols.shape[-1]
+        table = dense.reshape(self.batch, self.num_rows, c)
+        picked = table.gather(1, self.index[:, :, None].expand(-1, -1, c))
+        return (picked * self.cols).sum((1, 2))
+
+    def inner_outer(self, outer: Outer) -> torch.Tensor:
+        """⟨this, outer⟩ per sample; ``outer`` must have one group and the same layout."""
+        rows = outer.rows[:, :, 0, :]  # (B, T1, V)
+        cols = outer.cols[:, :, 0, :]  # (B, T1, C)
+        t1 = rows.shape[1]
+        picked = rows.gather(2, self.index[:, None, :].expand(-1, t1, -1))  # (B, T1, T2)
+        gram = torch.einsum("btc,bsc->bts", cols, self.cols)
+        return (picked * gram).sum((1, 2))
+
+
+def _segment_sq_norms(index: torch.Tensor, cols: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Σ over distinct (sample, row) of ‖Σ_{t: index=row} cols_t‖², without a (B, V, C) tensor.
+
+    Sort the keys ``b·V + row``; equal keys form runs; sum each run with index_add, square, and add
+    each run's square to its sample. Shapes stay static (at most B·T runs).
+    """
+    batch, t = index.shape
+    c = cols.shape[-1]
+    n = batch * t
+    sample = torch.arange(batch, device=index.device).repeat_interleave(t)
+    keys = sample * num_rows + index.reshape(-1).long()
+    sorted_keys, order = torch.sort(keys)
+    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    run = torch.cumsum(starts.long(), 0) - 1
+    run_sums = torch.zeros(n, c, dtype=cols.dtype, device=cols.device)
+    run_sums = run_sums.index_add(0, run, cols.reshape(n, c)[order])
+    run_sample = torch.zeros(n, dtype=torch.long, device=index.device)
+    run_sample = run_sample.scatter(0, run, sorted_keys // num_rows)
+    out = torch.zeros(batch, dtype=cols.dtype, device=cols.device)
+    return out.index_add(0, run_sample, run_sums.pow(2).sum(1))
+
+
+@dataclass
+class Scattered(GradForm):
+    """Entry ``(index[b,t,c], c)`` of sample ``b``'s gradient receives ``values[b,t,c]``."""
+
+    index: torch.Tensor  # (B, T, C)
+    values: torch.Tensor  # (B, T, C)
+    num_rows: int
+    shape: tuple[int, ...]
+
+    @property
+    def batch(self) -> int:
+        return int(self.index.shape[0])
+
+    def view(self, shape: tuple[int, ...]) -> GradForm:
+        return Scattered(self.index, self.values, self.num_rows, tuple(shape))
+
+    def materialize(self) -> torch.Tensor:
+        raise NotImplementedError("embedding gradients are never materialized per sample")
+
+    def sq_norm(self) -> torch.Tensor:
+        same = (self.index[:, :, None, :] == self.index[:, None, :, :]).to(self.values.dtype)
+        return (same * self.values[:, :, None, :] * self.values[:, None, :, :]).sum((1, 2, 3))
+
+
+@dataclass
+class NormPlan:
+    """How one parameter's per-sample norm is computed (what ``explain`` reports)."""
+
+    strategy: str  # "ghost", "materialized", "embedding", "dense" or a '+'-joined mix
+    uses: int
+    ghost_flops: int = 0
+    materialized_flops: int = 0
+    memory_elements: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def materialized(self) -> bool:
+        return self.strategy in ("materialized", "dense")
+
+
+def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, NormPlan, torch.Tensor | None]:
+    """Per-sample ‖Σ_u G_u‖² over all uses of one parameter, cross terms included.
+
+    Returns (squared norms (B,), the plan, and the dense per-sample gradients when the plan
+    materialized all of them — then the clipped sum is a cheap weighted sum of those).
+    """
+    outers = [f for f in forms if isinstance(f, Outer)]
+    lookups = [f for f in forms if isinstance(f, Lookup)]
+    scattered = [f for f in forms if isinstance(f, Scattered)]
+    dense = [f.values for f in forms if isinstance(f, Dense)]
+    plan = NormPlan(strategy="", uses=len(forms))
+    parts: list[str] = []
+
+    outer: Outer | None = None
+    if outers:
+        outer = outers[0]
+        for other in outers[1:]:
+            if outer.compatible(other):
+                outer = Outer(
+                    torch.cat([outer.rows, other.rows], 1),
+                    torch.cat([outer.cols, other.cols], 1),
+                    outer.shape,
+                )
+            else:
+                dense.append(other.materialize().reshape(outer.batch, *outer.shape))
+        plan.ghost_flops, ghost_mem = outer.ghost_cost()
+        plan.materialized_flops, mat_mem = outer.materialize_cost()
+        if outer.prefers_ghost():
+            parts.append("ghost")
+            plan.memory_elements += ghost_mem
+        else:
+            dense.append(outer.materialize().reshape(outer.batch, *outer.shape))
+            parts.append("materialized")
+            plan.memory_elements += mat_mem
+            outer = None
+
+    lookup: Lookup | None = None
+    if lookups:
+        lookup = lookups[0]
+        for other in lookups[1:]:
+            lookup = Lookup(
+                torch.cat([lookup.index, other.index], 1),
+                torch.cat([lookup.cols, other.cols], 1),
+                lookup.num_rows,
+                lookup.shape,
+            )
+        parts.append("embedding")
+    if scattered:
+        if len(forms) > 1:
+            raise NotImplementedError(
+                f"parameter `{param}` is a max-mode EmbeddingBag table that is also used "
+                "elsewhere; per-sample norms for this combination are not supported (use "
+                "mode='sum' or 'mean', or untie the weights)"
+            )
+        parts.append("embedding")
+
+    total_dense: torch.Tensor | None = None
+    if dense:
+        total_dense = dense[0]
+        for d in dense[1:]:
+            total_dense = total_dense + d.reshape(total_dense.shape)
+        if not parts or parts[-1] != "materialized":
+            parts.append("dense")
+
+    terms: list[torch.Tensor] = []
+    if outer is not None:
+        terms.append(outer.sq_norm())
+    if lookup is not None:
+        terms.append(lookup.sq_norm())
+    for s in scattered:
+        terms.append(s.sq_norm())
+    if total_dense is not None:
+        terms.append(total_dense.flatten(1).pow(2).sum(1))
+    if outer is not None and lookup is not None:
+        if outer.dims[1] != 1:
+            raise NotImplementedError(f"parameter `{param}`: grouped use shared with a lookup")
+        terms.append(2 * lookup.inner_outer(outer))
+    if outer is not None and total_dense is not None:
+        per_sample = outer.materialize().reshape(total_dense.shape)
+        terms.append(2 * (per_sample * total_dense).flatten(1).sum(1))
+        plan.notes.append("cross term with a dense use materializes the ghost use")
+    if lookup is not None and total_dense is not None:
+        terms.append(2 * lookup.inner_dense(total_dense))
+
+    sq = terms[0]
+    for term in terms[1:]:
+        sq = sq + term
+    plan.strategy = "+".join(dict.fromkeys(parts))
+    only_dense = outer is None and lookup is None and not scattered
+    return sq, plan, total_dense if only_dense else None

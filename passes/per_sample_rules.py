@@ -1,0 +1,282 @@
+"""The per-sample rule table: for each reducing aten op, that op's contribution per sample.
+
+A *reducing node* (found by the sample-dim analysis) is where a parameter gradient sums over
+samples: ``mm(gradᵀ, activations)`` for a linear weight, ``sum(grad, 0)`` for a bias,
+``convolution_backward`` for a convolution, ``embedding_dense_backward`` for an embedding. A rule
+returns a :mod:`passes.grad_forms` form that keeps the samples apart. Ops without a rule use
+:func:`vmap_rule`, which evaluates the op once per sample with ``torch.vmap`` — that is what makes
+custom layers work with no registration. Adding a rule touches this file and its test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from passes.grad_forms import Dense, GradForm, Lookup, Outer, Scattered, rows_per_sample, split_samples
+from passes.sample_dims import Analysis, SampleDim
+
+aten = torch.ops.aten
+
+
+@dataclass
+class RuleContext:
+    """What a rule may read: computed values and the sample structure of every node."""
+
+    analysis: Analysis
+    env: dict[fx.Node, Any]
+
+    @property
+    def batch(self) -> int:
+        return self.analysis.batch_size
+
+    def value(self, arg: Any) -> Any:
+        return self.env[arg] if isinstance(arg, fx.Node) else arg
+
+    def sample_dim(self, arg: Any) -> SampleDim | None:
+        info = self.analysis.of(arg)
+        return info if isinstance(info, SampleDim) else None
+
+
+PerSampleRule = Callable[[RuleContext, fx.Node, "int | None"], GradForm]
+PER_SAMPLE_RULES: dict[Any, PerSampleRule] = {}
+
+
+def register_per_sample_rule(*ops: Any) -> Callable[[PerSampleRule], PerSampleRule]:
+    """Register the per-sample rule of a reducing aten op."""
+
+    def wrap(rule: PerSampleRule) -> PerSampleRule:
+        for op in ops:
+            PER_SAMPLE_RULES[op] = rule
+        return rule
+
+    return wrap
+
+
+def per_sample_form(ctx: RuleContext, node: fx.Node, index: int | None) -> GradForm:
+    """The per-sample form of reducing node ``node`` (output ``index`` of a multi-output op)."""
+    rule = PER_SAMPLE_RULES.get(node.target, vmap_rule)
+    return rule(ctx, node, index)
+
+
+def vmap_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> GradForm:
+    """Fallback for any op: evaluate it once per sample with torch.vmap."""
+    return Dense(vmap_node(ctx, node, index, {}))
+
+
+def vmap_node(
+    ctx: RuleContext,
+    node: fx.Node,
+    index: int | None,
+    batched: dict[fx.Node, torch.Tensor],
+) -> torch.Tensor:
+    """Run ``node`` per sample: batch inputs are split by samples, ``batched`` are (B, …) already."""
+    flat, spec = tree_flatten((node.args, node.kwargs))
+    values, in_dims = [], []
+    for arg in flat:
+        if isinstance(arg, fx.Node) and arg in batched:
+            values.append(batched[arg])
+            in_dims.append(0)
+        elif isinstance(arg, fx.Node) and ctx.sample_dim(arg) is not None:
+            values.append(split_samples(ctx.env[arg], ctx.sample_dim(arg), ctx.batch))
+            in_dims.append(0)
+        else:
+            values.append(ctx.value(arg))
+            in_dims.append(None)
+    tensor_positions = [k for k, v in enumerate(values) if isinstance(v, torch.Tensor)]
+
+    def per_sample(*tensors: torch.Tensor) -> Any:
+        filled = list(values)
+        for k, t in zip(tensor_positions, tensors):
+            filled[k] = t
+        args, kwargs = tree_unflatten(filled, spec)
+        out = node.target(*args, **kwargs)
+        return out[index] if index is not None else out
+
+    dims = tuple(in_dims[k] for k in tensor_positions)
+    return torch.vmap(per_sample, in_dims=dims)(*(values[k] for k in tensor_positions))
+
+
+# ---- matmul family ----------------------------------------------------------------------
+
+
+def _contraction(ctx: RuleContext, *args: fx.Node) -> SampleDim:
+    for arg in args:
+        sd = ctx.sample_dim(arg)
+        if sd is not None:
+            return sd
+    raise AssertionError("reducing contraction without sample structure")
+
+
+@register_per_sample_rule(aten.mm.default)
+def mm_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> GradForm:
+    """mm(x (n, K), y (K, m)) summing samples over K: Σ_t x[:, t] ⊗ y[t, :] per sample."""
+    x, y = node.args[:2]
+    sd = _contraction(ctx, x, y)
+    split = SampleDim(0, sd.outer, sd.inner)
+    rows = rows_per_sample(ctx.value(x).t(), split, ctx.batch, trailing=1)
+    cols = rows_per_sample(ctx.value(y), split, ctx.batch, trailing=1)
+    n, m = ctx.value(x).shape[0], ctx.value(y).shape[1]
+    return Outer(rows[:, :, None, :], cols[:, :, None, :], (int(n), int(m)))
+
+
+@register_per_sample_rule(aten.bmm.default)
+def bmm_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> GradForm:
+    """bmm(x (g, r, K), y (g, K, c)) summing samples over K: one outer product per batch entry."""
+    x, y = node.args[:2]
+    sx, sy = ctx.sample_dim(x), ctx.sample_dim(y)
+    if (sx is not None and sx.dim != 2) or (sy is not None and sy.dim != 1):
+        return vmap_rule(ctx, node, index)
+    sd = sx or sy
+    assert sd is not None
+    split = SampleDim(0, sd.outer, sd.inner)
+    xv, yv = ctx.value(x), ctx.value(y)
+    rows = rows_per_sample(xv.permute(2, 0, 1), split, ctx.batch, trailing=2)
+    cols = rows_per_sample(yv.permute(1, 0, 2), split, ctx.batch, trailing=2)
+    shape = (int(xv.shape[0]), int(xv.shape[1]), int(yv.shape[2]))
+    return Outer(rows, cols, shape)
+
+
+# ---- convolution ------------------------------------------------------------------------
+
+
+def unfold_nd(
+    x: torch.Tensor,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> torch.Tensor:
+    """(N, C, *S) → (N, L, C·prod(kernel)): the input window of each output position."""
+    n = len(kernel)
+    pad: list[int] = []
+    for p in reversed(padding):
+        pad += [p, p]
+    if any(pad):
+        x = F.pad(x, pad)
+    for k in range(n):
+        span = dilation[k] * (kernel[k] - 1) + 1
+        x = x.unfold(2 + k, span, stride[k])
+        if dilation[k] > 1:
+            x = x[..., :: dilation[k]]
+    positions = [2 + k for k in range(n)]
+    window = [2 + n + k for k in range(n)]
+    x = x.permute(0, *positions, 1, *window)
+    length = math.prod(x.shape[1 : 1 + n])
+    return x.reshape(x.shape[0], length, -1)
+
+
+def _positions(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, *S) → (N, prod(S), C)."""
+    return t.flatten(2).transpose(1, 2)
+
+
+@register_per_sample_rule(aten.convolution_backward.default)
+def convolution_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> GradForm:
+    """Weight: outer products of output gradients and unfolded input windows, per group."""
+    grad_node = node.args[0]
+    grad, x, weight = (ctx.value(a) for a in node.args[:3])
+    stride, padding, dilation, transposed, _, groups = (ctx.value(a) for a in node.args[4:10])
+    sd = ctx.sample_dim(grad_node) or ctx.sample_dim(node.args[1])
+    assert sd is not None and sd.dim == 0
+    if index == 2:
+        per_sample = split_samples(grad, sd, ctx.batch)  # (B, o·i, C_out, *S)
+        dims = [1] + list(range(3, per_sample.dim()))
+        return Dense(per_sample.sum(dims))
+    kernel = tuple(int(k) for k in weight.shape[2:])
+    n = len(kernel)
+    stride, padding, dilation = (tuple(v) * (n if len(v) == 1 else 1) for v in (stride, padding, dilation))
+    g = int(groups)
+    if not transposed:
+        windows = unfold_nd(x, kernel, stride, padding, dilation)  # (N, L, C_in·K)
+        pos = _positions(grad)  # (N, L, C_out)
+    else:
+        windows = unfold_nd(grad, kernel, stride, padding, dilation)  # (N, L_in, C_out·K)
+        pos = _positions(x)  # (N, L_in, C_in)
+    rows = pos.reshape(pos.shape[0], pos.shape[1], g, -1)
+    cols = windows.reshape(windows.shape[0], windows.shape[1], g, -1)
+    split = SampleDim(0, sd.outer, sd.inner)
+    rows = rows_per_sample(rows, split, ctx.batch, trailing=2)
+    cols = rows_per_sample(cols, split, ctx.batch, trailing=2)
+    return Outer(rows, cols, tuple(int(s) for s in weight.shape))
+
+
+# ---- embeddings -------------------------------------------------------------------------
+
+
+@register_per_sample_rule(aten.embedding_dense_backward.default)
+def embedding_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> GradForm:
+    """Rows of the table each sample looked up, with that lookup's output gradient."""
+    grad_node, indices_node = node.args[:2]
+    grad, indices = ctx.value(grad_node), ctx.value(indices_node)
+    num_weights, padding_idx = int(node.args[2]), int(node.args[3])
+    sd = ctx.sample_dim(indices_node) or ctx.sample_dim(grad_node)
+    assert sd is not None
+    rows = rows_per_sample(indices, sd, ctx.batch, trailing=0)
+    cols = rows_per_sample(grad, sd, ctx.batch, trailing=1)
+    if padding_idx >= 0:
+        cols = cols * (rows != padding_idx).unsqueeze(-1).to(cols.dtype)
+    return Lookup(rows, cols, num_weights, (num_weights, int(grad.shape[-1])))
+
+
+@register_per_sample_rule(aten._embedding_bag_backward.default, aten._embedding_bag_dense_backward.default)
+def embedding_bag_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> GradForm:
+    """Each index of a sample's bags receives the bag's output gradient (weighted as the mode says)."""
+    from passes.sample_dims import bound_args
+
+    args = bound_args(node)
+    grad_node, indices_node = args["grad"], args["indices"]
+    grad = ctx.value(grad_node)
+    indices = ctx.value(indices_node)
+    offset2bag = ctx.value(args["offset2bag"])
+    bag_size = ctx.value(args["bag_size"])
+    num_weights, mode = int(args["num_weights"]), int(args["mode"])
+    padding_idx = args.get("padding_idx")
+    padding_idx = -1 if padding_idx is None else int(padding_idx)
+    per_sample_weights = ctx.value(args.get("per_sample_weights"))
+    sd_indices = ctx.sample_dim(indices_node)
+    sd_bags = ctx.sample_dim(grad_node)
+    assert sd_indices is not None and sd_bags is not None
+    dim = int(grad.shape[-1])
+    if mode == 2:  # max: each feature of a bag came from one row
+        maximum_indices = ctx.value(args["maximum_indices"])
+        rows = rows_per_sample(maximum_indices, sd_bags, ctx.batch, trailing=1)
+        values = rows_per_sample(grad, sd_bags, ctx.batch, trailing=1)
+        return Scattered(rows, values, num_weights, (num_weights, dim))
+    contribution = grad.index_select(0, offset2bag)
+    if per_sample_weights is not None:
+        contribution = contribution * per_sample_weights.unsqueeze(-1)
+    if mode == 1:
+        sizes = bag_size.index_select(0, offset2bag).clamp(min=1).to(grad.dtype)
+        contribution = contribution / sizes.unsqueeze(-1)
+    if padding_idx >= 0:
+        contribution = contribution * (indices != padding_idx).unsqueeze(-1).to(grad.dtype)
+    rows = rows_per_sample(indices, sd_indices, ctx.batch, trailing=0)
+    cols = rows_per_sample(contribution, sd_indices, ctx.batch, trailing=1)
+    return Lookup(rows, cols, num_weights, (num_weights, dim))
+
+
+# ---- reductions -------------------------------------------------------------------------
+
+
+@register_per_sample_rule(aten.sum.dim_IntList)
+def sum_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> GradForm:
+    """A sum over dimensions that include the samples: the same sum, per sample."""
+    x = node.args[0]
+    sd = ctx.sample_dim(x)
+    assert sd is not None
+    per_sample = split_samples(ctx.value(x), sd, ctx.batch)
+    dims = node.args[1] if len(node.args) > 1 else None
+    keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    rank = per_sample.dim() - 1
+    if not dims:
+        dims = list(range(rank))
+    shifted = [(d + rank if d < 0 else d) + 1 for d in dims]
+    return Dense(per_sample.sum(shifted, keepdim=keepdim))

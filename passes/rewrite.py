@@ -1,0 +1,294 @@
+"""rewrite: turn the joint graph's summed parameter gradients into per-sample norms and clipped sums.
+
+Given a capture and its analysis, :func:`private_backward` returns a graph
+
+    (*trainable, *frozen, *buffers, *batch, *seeds, mask, max_grad_norm)
+        -> (*outputs, per_sample_norms, *clipped_grads)
+
+that computes, in one backward pass, every sample's gradient norm and the sum of the per-sample
+gradients each scaled by ``c_b = mask_b · min(1, C / (‖g_b‖ + 1e-6))`` (Book-Keeping: the weight
+gradients are computed once, with each reducing node's backward signal scaled by ``c``). With
+``clipping="per_layer"``, ``max_grad_norm`` holds one C per trainable parameter with a gradient,
+norms are ``(B, P)`` and every parameter is clipped on its own.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_map
+
+from passes.capture import Capture, decomposition_table
+from passes.errors import DPCompileError
+from passes.grad_forms import (
+    Dense,
+    GradForm,
+    NormPlan,
+    combine_sq_norms,
+    scale_samples,
+)
+from passes.per_sample_rules import RuleContext, per_sample_form, vmap_node
+from passes.sample_dims import Analysis, SampleDim
+
+aten = torch.ops.aten
+
+Clipping = Literal["flat", "per_layer"]
+CLIP_EPSILON = 1e-6
+
+# Ops that only re-lay out a gradient: forms follow them without materializing.
+_VIEW_OPS = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.squeeze.dims,
+    aten.squeeze.dim, aten.squeeze.default, aten.unsqueeze.default,
+}
+_IDENTITY_OPS = {aten.alias.default, aten.clone.default, aten.contiguous.default}
+_TRANSPOSE_OPS = {aten.t.default, aten.transpose.int, aten.permute.default}
+
+
+@dataclass
+class PrivateGraph:
+    """The rewritten graph and what was decided while building it."""
+
+    graph_module: fx.GraphModule
+    capture: Capture
+    clipping: Clipping
+    plans: dict[str, NormPlan] = field(default_factory=dict)  # trainable name -> plan
+
+    @property
+    def params_with_grads(self) -> list[str]:
+        return [self.capture.trainable[k] for k in self.capture.grad_for]
+
+
+def gradient_region(analysis: Analysis) -> set[fx.Node]:
+    """Reducing values and everything computed from them (parameter-shaped gradient math)."""
+    starts: list[fx.Node] = []
+    for node, index in analysis.reducing:
+        if index is None:
+            starts.append(node)
+        else:
+            starts += [u for u in node.users if u.target is operator.getitem and u.args[1] == index]
+    region: set[fx.Node] = set()
+    while starts:
+        n = starts.pop()
+        if n in region or n.op == "output":
+            continue
+        region.add(n)
+        starts.extend(n.users)
+    return region
+
+
+def _evaluate(target: Any, args: Any, kwargs: Any, env: dict[fx.Node, Any],
+              replace: dict[fx.Node, Any] | None = None) -> Any:
+    def value(arg: Any) -> Any:
+        if isinstance(arg, fx.Node):
+            if replace is not None and arg in replace:
+                return replace[arg]
+            return env[arg]
+        return arg
+
+    return target(*tree_map(value, args), **tree_map(value, kwargs))
+
+
+def _call(node: fx.Node, env: dict[fx.Node, Any], replace: dict[fx.Node, Any] | None = None) -> Any:
+    return _evaluate(node.target, node.args, node.kwargs, env, replace)
+
+
+def _with_output_mask(node: fx.Node, env: dict[fx.Node, Any], keep: set[int],
+                      replace: dict[fx.Node, Any] | None = None) -> Any:
+    """Run a multi-output op (convolution_backward, …) computing only the outputs in ``keep``."""
+    schema = node.target._schema  # type: ignore[union-attr]
+    names = [a.name for a in schema.arguments]
+    if "output_mask" not in names:
+        return _call(node, env, replace)
+    position = names.index("output_mask")
+    args, kwargs = list(node.args), dict(node.kwargs)
+    mask = args[position] if position < len(args) else kwargs["output_mask"]
+    mask = [bool(m) and k in keep for k, m in enumerate(mask)]
+    if position < len(args):
+        args[position] = mask
+    else:
+        kwargs["output_mask"] = mask
+    return _evaluate(node.target, tuple(args), kwargs, env, replace)
+
+
+class _Rewriter:
+    """Evaluates the captured graph with the gradient region replaced (traced by make_fx)."""
+
+    def __init__(self, capture: Capture, analysis: Analysis, clipping: Clipping) -> None:
+        self.capture = capture
+        self.analysis = analysis
+        self.clipping = clipping
+        self.graph = capture.graph_module.graph
+        self.region = gradient_region(analysis)
+        self.output_node = next(n for n in self.graph.nodes if n.op == "output")
+        outputs = list(self.output_node.args[0])
+        self.num_leaves = len(capture.output_is_differentiable)
+        self.leaf_nodes = outputs[: self.num_leaves]
+        self.grad_nodes = outputs[self.num_leaves :]
+        self.plans: dict[str, NormPlan] = {}
+        # multi-output reducing ops: outputs needed outside the region
+        self.region_outputs: dict[fx.Node, set[int]] = {}
+        for node, index in analysis.reducing:
+            if index is not None:
+                self.region_outputs.setdefault(node, set()).add(index)
+
+    # ---- stage 1: forward and the backward outside the gradient region ---------------
+    def run_outside_region(self, env: dict[fx.Node, Any]) -> None:
+        for node in self.graph.nodes:
+            if node.op in ("placeholder", "output") or node in self.region:
+                continue
+            if node in self.region_outputs:
+                used = {
+                    u.args[1] for u in node.users
+                    if u.target is operator.getitem and u not in self.region
+                }
+                if not used:
+                    continue
+                env[node] = _with_output_mask(node, env, used)
+                continue
+            env[node] = _call(node, env)
+
+    # ---- stage 2: per-sample forms and squared norms --------------------------------
+    def forms(self, node: fx.Node, ctx: RuleContext, memo: dict[fx.Node, list[GradForm]]) -> list[GradForm]:
+        if node in memo:
+            return memo[node]
+        reducing = self.analysis.reducing
+        if (node, None) in reducing:
+            result = [per_sample_form(ctx, node, None)]
+        elif node.target is operator.getitem and (node.args[0], node.args[1]) in reducing:
+            result = [per_sample_form(ctx, node.args[0], node.args[1])]
+        else:
+            result = self._follow(node, ctx, memo)
+        memo[node] = result
+        return result
+
+    def _follow(self, node: fx.Node, ctx: RuleContext, memo: dict[fx.Node, list[GradForm]]) -> list[GradForm]:
+        inputs = [a for a in node.all_input_nodes if a in self.region]
+        shape = tuple(int(s) for s in node.meta["val"].shape)
+        if node.target is aten.add.Tensor and len(inputs) == 2 and node.kwargs.get("alpha", 1) == 1:
+            return self.forms(node.args[0], ctx, memo) + self.forms(node.args[1], ctx, memo)
+        if len(inputs) == 1 and node.args[0] is inputs[0]:
+            source = self.forms(inputs[0], ctx, memo)
+            if node.target in _IDENTITY_OPS:
+                return source
+            if node.target in _VIEW_OPS:
+                return [f.view(shape) for f in source]
+            if node.target in _TRANSPOSE_OPS and len(shape) == 2:
+                moved = [f.transpose() for f in source]
+                if all(m is not None for m in moved):
+                    return moved  # type: ignore[return-value]
+        # Anything else: materialize the inputs and run the op per sample.
+        batched = {}
+        for arg in inputs:
+            dense = [f.materialize() for f in self.forms(arg, ctx, memo)]
+            total = dense[0]
+            for d in dense[1:]:
+                total = total + d
+            batched[arg] = total
+        return [Dense(vmap_node(ctx, node, None, batched))]
+
+    # ---- stage 4: clipped sums ------------------------------------------------------
+    def clipped(self, node: fx.Node, env: dict[fx.Node, Any], weights: torch.Tensor,
+                memo: dict[fx.Node, Any]) -> Any:
+        if node in memo:
+            return memo[node]
+        reducing = self.analysis.reducing
+        if (node, None) in reducing:
+            carrier = reducing[(node, None)]
+            value = self._scaled_call(node, env, carrier, weights, None)
+        elif node.target is operator.getitem and (node.args[0], node.args[1]) in reducing:
+            source = node.args[0]
+            if source not in memo:
+                carrier = reducing[(source, node.args[1])]
+                memo[source] = self._scaled_call(
+                    source, env, carrier, weights, self.region_outputs[source]
+                )
+            value = memo[source][node.args[1]]
+        else:
+            replace = {a: self.clipped(a, env, weights, memo) for a in node.all_input_nodes
+                       if a in self.region}
+            value = _call(node, env, replace)
+        memo[node] = value
+        return value
+
+    def _scaled_call(self, node: fx.Node, env: dict[fx.Node, Any], carrier: fx.Node,
+                     weights: torch.Tensor, keep: set[int] | None) -> Any:
+        sd = self.analysis.of(carrier)
+        assert isinstance(sd, SampleDim)
+        replace = {carrier: scale_samples(env[carrier], sd, weights)}
+        if keep is None:
+            return _call(node, env, replace)
+        return _with_output_mask(node, env, keep, replace)
+
+    # ---- the whole step ---------------------------------------------------------------
+    def __call__(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        placeholders = self.capture.placeholders()
+        env: dict[fx.Node, Any] = dict(zip(placeholders, flat[: len(placeholders)]))
+        mask, max_grad_norm = flat[len(placeholders)], flat[len(placeholders) + 1]
+        self.run_outside_region(env)
+
+        ctx = RuleContext(self.analysis, env)
+        memo: dict[fx.Node, list[GradForm]] = {}
+        sq_norms, dense_grads = [], []
+        for k, grad in zip(self.capture.grad_for, self.grad_nodes):
+            name = self.capture.trainable[k]
+            try:
+                sq, plan, dense = combine_sq_norms(self.forms(grad, ctx, memo), name)
+            except NotImplementedError as error:
+                raise DPCompileError(f"parameter `{name}`: {error}") from error
+            self.plans[name] = plan
+            sq_norms.append(sq)
+            dense_grads.append(dense)
+
+        sq = torch.stack(sq_norms, 1)  # (B, P)
+        if self.clipping == "flat":
+            norms = sq.sum(1).clamp(min=0).sqrt()
+            factors = (max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0) * mask
+            per_param = [factors] * len(sq_norms)
+        else:
+            norms = sq.clamp(min=0).sqrt()
+            factors = (max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0) * mask[:, None]
+            per_param = list(factors.unbind(1))
+
+        clipped = []
+        shared_memo: dict[fx.Node, Any] = {}
+        for grad, weights, dense in zip(self.grad_nodes, per_param, dense_grads):
+            if dense is not None:
+                clipped.append(torch.einsum("b,b...->...", weights.to(dense.dtype), dense))
+                continue
+            memo_c = shared_memo if self.clipping == "flat" else {}
+            clipped.append(self.clipped(grad, env, weights, memo_c))
+        outputs = [env[n] if isinstance(n, fx.Node) else n for n in self.leaf_nodes]
+        return (*outputs, norms, *clipped)
+
+
+def private_backward(
+    capture: Capture,
+    analysis: Analysis,
+    clipping: Clipping = "flat",
+    example_inputs: list[torch.Tensor] | None = None,
+) -> PrivateGraph:
+    """Rewrite the joint graph into per-sample norms and clipped sums (one backward pass)."""
+    if clipping not in ("flat", "per_layer"):
+        raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")
+    rewriter = _Rewriter(capture, analysis, clipping)
+    if example_inputs is None:
+        example_inputs = example_private_inputs(capture)
+        if clipping == "per_layer":
+            example_inputs[-1] = example_inputs[-1].expand(len(capture.grad_for)).clone()
+    graph_module = make_fx(rewriter, decomposition_table=decomposition_table())(*example_inputs)
+    graph_module.graph.eliminate_dead_code()
+    graph_module.recompile()
+    return PrivateGraph(graph_module, capture, clipping, dict(rewriter.plans))
+
+
+def example_private_inputs(capture: Capture) -> list[torch.Tensor]:
+    """Inputs of the private graph: the capture's example values, a full mask, C = 1."""
+    ref = capture.example_inputs[0]
+    mask = torch.ones(capture.batch_size, dtype=ref.dtype, device=ref.device)
+    max_norm = torch.ones((), dtype=ref.dtype, device=ref.device)
+    return [*capture.example_inputs, mask, max_norm]
