@@ -27,8 +27,8 @@ import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 from torch import nn
 from torch._decomp import core_aten_decompositions
-from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.func import functional_call, functionalize
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.utils._pytree import TreeSpec, tree_flatten
 
 from passes.errors import BatchDimensionError, LossError, OutputError
@@ -207,6 +207,12 @@ def capture(
     if not inputs:
         raise BatchDimensionError("the model needs at least one batch input tensor")
     batch_size = _check_batch(batch, batch_dims, "batch tensor")
+    if batch_size < 2:
+        # Size-1 dimensions can be reshaped anywhere, so one sample cannot be tracked.
+        raise BatchDimensionError(
+            "capture needs at least 2 samples to track the batch dimension; pad a single "
+            "sample with a masked copy (PerSampleGradients does this)"
+        )
 
     trainable, frozen = [], []
     for name, p in model.named_parameters():

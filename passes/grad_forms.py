@@ -97,7 +97,7 @@ class Dense(GradForm):
         return self.values
 
     def sq_norm(self) -> torch.Tensor:
-        return self.values.pow(2).flatten(1).sum(1)
+        return self.values.pow(2).reshape(self.batch, -1).sum(1)
 
 
 @dataclass
@@ -151,10 +151,10 @@ class Outer(GradForm):
         if t == 1:
             r2 = self.rows.pow(2).sum(-1)
             c2 = self.cols.pow(2).sum(-1)
-            return (r2 * c2).flatten(1).sum(1)
+            return (r2 * c2).reshape(self.batch, -1).sum(1)
         gram_rows = torch.einsum("btgr,bsgr->bgts", self.rows, self.rows)
         gram_cols = torch.einsum("btgc,bsgc->bgts", self.cols, self.cols)
-        return (gram_rows * gram_cols).flatten(1).sum(1)
+        return (gram_rows * gram_cols).reshape(self.batch, -1).sum(1)
 
     def materialize(self) -> torch.Tensor:
         per_sample = torch.einsum("btgr,btgc->bgrc", self.rows, self.cols)
@@ -341,14 +341,14 @@ def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, N
     for s in scattered:
         terms.append(s.sq_norm())
     if total_dense is not None:
-        terms.append(total_dense.flatten(1).pow(2).sum(1))
+        terms.append(total_dense.pow(2).reshape(total_dense.shape[0], -1).sum(1))
     if outer is not None and lookup is not None:
         if outer.dims[1] != 1:
             raise NotImplementedError(f"parameter `{param}`: grouped use shared with a lookup")
         terms.append(2 * lookup.inner_outer(outer))
     if outer is not None and total_dense is not None:
         per_sample = outer.materialize().reshape(total_dense.shape)
-        terms.append(2 * (per_sample * total_dense).flatten(1).sum(1))
+        terms.append(2 * (per_sample * total_dense).reshape(total_dense.shape[0], -1).sum(1))
         plan.notes.append("cross term with a dense use materializes the ghost use")
     if lookup is not None and total_dense is not None:
         terms.append(2 * lookup.inner_dense(total_dense))

@@ -62,7 +62,7 @@ class Mixed:
         return SampleMixingError(f"{where}: {self.reason}. {self.fix}")
 
 
-Info = Union[SampleDim, Mixed, None, tuple]
+Info = Union[SampleDim, Mixed, None, tuple]  # noqa: UP007 (a runtime alias on Python 3.10)
 Rule = Callable[["Analysis", fx.Node], Info]
 
 SAMPLE_RULES: dict[Any, Rule] = {}

@@ -10,3 +10,9 @@ settings.register_profile(
     derandomize=True,
 )
 settings.load_profile("ci")
+
+settings.register_profile(
+    "slow-sweeps",
+    parent=settings.get_profile("ci"),
+    max_examples=max(4, (2 * settings.get_profile("ci").max_examples) // 3),
+)
