@@ -32,6 +32,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.utils._pytree import TreeSpec, tree_flatten
 
 from passes.errors import BatchDimensionError, LossError, OutputError
+from passes.rnn import recurrences_as_scans
 
 aten = torch.ops.aten
 
@@ -267,7 +268,7 @@ def capture(
         start = n_train + n_frozen + n_buf
         batch_values = flat[start : start + n_batch]
         seed_values = flat[start + n_batch :]
-        with scopes.recording():
+        with scopes.recording(), recurrences_as_scans():
             out = run_forward(values, batch_values)
         out_leaves, _ = tree_flatten(out)
         diff = [leaf for leaf, d in zip(out_leaves, differentiable) if d]

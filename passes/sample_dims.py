@@ -25,6 +25,7 @@ from typing import Any, Union
 import torch
 import torch.fx as fx
 
+import passes.rnn  # noqa: F401  (defines the dpcompile::rnn_scan ops ruled on below)
 from passes.capture import Capture, node_module
 from passes.errors import (
     BatchDimensionError,
@@ -1306,3 +1307,8 @@ def scalar(a: Analysis, node: fx.Node) -> Info:
     if isinstance(a.of(node.args[0]), SampleDim):
         return a.mixed("reads a value of the batch into Python (.item())")
     return None
+
+
+# The recurrence ops of passes/rnn.py treat each row (sample) on its own.
+SAMPLE_RULES[torch.ops.dpcompile.rnn_scan.default] = batch_leading
+SAMPLE_RULES[torch.ops.dpcompile.rnn_scan_backward.default] = batch_leading

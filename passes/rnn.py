@@ -1,0 +1,248 @@
+"""RNNs as one recurrence op per layer and direction, so compile time does not grow with length.
+
+Unrolling an LSTM over T steps puts ~90·T nodes in the graph (11k at T=128, four minutes of
+Inductor time on two cores). Instead, capture routes ``torch._VF.lstm / gru / rnn_tanh / rnn_relu``
+(what nn.LSTM, nn.GRU and nn.RNN call) through :func:`run_rnn`:
+
+- the input projection of every step is one matmul, ``gates_x = x W_ihᵀ + b_ih`` over (B·T) rows;
+- the recurrence is one custom op, ``dpcompile::rnn_scan``, which loops over time inside;
+- its backward, ``dpcompile::rnn_scan_backward``, returns the per-step gate gradients, and the
+  recurrent weight gradients are ordinary graph ops on them: ``dW_hh = Σ_t dgates_h[t] ⊗ h[t-1]``
+  as one matmul over (B·T) rows, ``db_hh`` as a sum.
+
+Every parameter gradient therefore stays a standard reducing node (per-sample rules apply, with
+the cross terms between time steps), while the graph has a constant number of nodes. The
+recurrence ops are per sample by construction (rows never interact); their sample-dim rule is
+registered in passes/sample_dims.py. LSTMs with ``proj_size`` and PackedSequence inputs keep
+the unrolled form.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+# ---- the recurrence, eagerly, inside the custom ops -------------------------------------
+
+
+def _scan_forward(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
+                  b_hh: torch.Tensor, mode: str) -> tuple[torch.Tensor, ...]:
+    batch, steps, _ = gates_x.shape
+    hidden = h0.shape[-1]
+    out = gates_x.new_empty(batch, steps, hidden)
+    gates = torch.empty_like(gates_x)  # activated gates, saved for backward
+    cells = gates_x.new_empty(batch, steps, hidden)  # LSTM: c_t; GRU: W_hn h + b_hn
+    h, c = h0, c0
+    w_t = w_hh.t()
+    for t in range(steps):
+        gh = torch.addmm(b_hh, h, w_t)
+        gx = gates_x[:, t]
+        if mode == "lstm":
+            act = gx + gh
+            i, f, g, o = act.chunk(4, 1)
+            i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+            c = f * c + i * g
+            h = o * c.tanh()
+            gates[:, t] = torch.cat([i, f, g, o], 1)
+            cells[:, t] = c
+        elif mode == "gru":
+            xr, xz, xn = gx.chunk(3, 1)
+            hr, hz, hn = gh.chunk(3, 1)
+            r = (xr + hr).sigmoid()
+            z = (xz + hz).sigmoid()
+            n = (xn + r * hn).tanh()
+            h = (1 - z) * n + z * h
+            gates[:, t] = torch.cat([r, z, n], 1)
+            cells[:, t] = hn
+        else:
+            pre = gx + gh
+            h = pre.tanh() if mode == "rnn_tanh" else pre.relu()
+            gates[:, t] = h
+        out[:, t] = h
+    if mode != "lstm":
+        c = torch.zeros_like(h0)
+    return out, h.clone(), c.clone(), gates, cells
+
+
+def _scan_backward(d_out: torch.Tensor, d_h: torch.Tensor, d_c: torch.Tensor, gates: torch.Tensor,
+                   cells: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, out: torch.Tensor,
+                   w_hh: torch.Tensor, mode: str) -> tuple[torch.Tensor, ...]:
+    batch, steps, hidden = out.shape
+    d_gates_x = torch.empty_like(gates)
+    d_gates_h = torch.empty_like(gates) if mode == "gru" else d_gates_x
+    dh = d_h.clone()
+    dc = d_c.clone()
+    for t in range(steps - 1, -1, -1):
+        dh = dh + d_out[:, t]
+        h_prev = out[:, t - 1] if t > 0 else h0
+        if mode == "lstm":
+            i, f, g, o = gates[:, t].chunk(4, 1)
+            c = cells[:, t]
+            c_prev = cells[:, t - 1] if t > 0 else c0
+            tanh_c = c.tanh()
+            dc = dc + dh * o * (1 - tanh_c * tanh_c)
+            d_gates_x[:, t] = torch.cat(
+                [dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
+                 dh * tanh_c * o * (1 - o)],
+                1,
+            )
+            dc = dc * f
+            dh = d_gates_x[:, t] @ w_hh
+        elif mode == "gru":
+            r, z, n = gates[:, t].chunk(3, 1)
+            hn = cells[:, t]
+            dn = dh * (1 - z) * (1 - n * n)
+            dz = dh * (h_prev - n) * z * (1 - z)
+            dr = dn * hn * r * (1 - r)
+            d_gates_x[:, t] = torch.cat([dr, dz, dn], 1)
+            d_gates_h[:, t] = torch.cat([dr, dz, dn * r], 1)
+            dh = dh * z + d_gates_h[:, t] @ w_hh
+        else:
+            h = gates[:, t]
+            pre = dh * (1 - h * h) if mode == "rnn_tanh" else dh * (h > 0).to(dh.dtype)
+            d_gates_x[:, t] = pre
+            dh = pre @ w_hh
+    if mode != "gru":
+        d_gates_h = d_gates_x.clone()
+    return d_gates_x, d_gates_h, dh, dc
+
+
+@torch.library.custom_op("dpcompile::rnn_scan", mutates_args=())
+def rnn_scan(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
+             b_hh: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One RNN layer in one direction over (B, T, G·H) precomputed input gates."""
+    return _scan_forward(gates_x, h0, c0, w_hh, b_hh, mode)
+
+
+@rnn_scan.register_fake
+def _(gates_x, h0, c0, w_hh, b_hh, mode):
+    batch, steps, _ = gates_x.shape
+    hidden = h0.shape[-1]
+    out = gates_x.new_empty(batch, steps, hidden)
+    return out, h0.new_empty(h0.shape), c0.new_empty(h0.shape), torch.empty_like(gates_x), gates_x.new_empty(batch, steps, hidden)
+
+
+@torch.library.custom_op("dpcompile::rnn_scan_backward", mutates_args=())
+def rnn_scan_backward(d_out: torch.Tensor, d_h: torch.Tensor, d_c: torch.Tensor, gates: torch.Tensor,
+                      cells: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, out: torch.Tensor,
+                      w_hh: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backpropagation through time: (d gates_x, d gates_h (B, T, G·H), d h0, d c0)."""
+    return _scan_backward(d_out, d_h, d_c, gates, cells, h0, c0, out, w_hh, mode)
+
+
+@rnn_scan_backward.register_fake
+def _(d_out, d_h, d_c, gates, cells, h0, c0, out, w_hh, mode):
+    return torch.empty_like(gates), torch.empty_like(gates), torch.empty_like(h0), torch.empty_like(h0)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    gates_x, h0, c0, w_hh, b_hh, mode = inputs
+    out, _, _, gates, cells = output
+    ctx.save_for_backward(gates, cells, h0, c0, out, w_hh)
+    ctx.mode = mode
+    ctx.mark_non_differentiable(gates, cells)
+
+
+def _backward(ctx: Any, d_out: torch.Tensor | None, d_h: torch.Tensor | None, d_c: torch.Tensor | None,
+              _d_gates: Any, _d_cells: Any) -> tuple[Any, ...]:
+    gates, cells, h0, c0, out, w_hh = ctx.saved_tensors
+    d_out = torch.zeros_like(out) if d_out is None else d_out
+    d_h = torch.zeros_like(h0) if d_h is None else d_h
+    d_c = torch.zeros_like(h0) if d_c is None else d_c
+    d_gx, d_gh, d_h0, d_c0 = rnn_scan_backward(d_out, d_h, d_c, gates, cells, h0, c0, out, w_hh, ctx.mode)
+    hidden = h0.shape[-1]
+    h_prev = torch.cat([h0.unsqueeze(1), out[:, :-1]], 1)
+    # Recurrent weight gradients as plain graph ops: one reducing matmul over (B·T) rows.
+    d_w_hh = d_gh.reshape(-1, d_gh.shape[-1]).t().mm(h_prev.reshape(-1, hidden))
+    d_b_hh = d_gh.sum((0, 1))
+    return d_gx, d_h0, d_c0, d_w_hh, d_b_hh, None
+
+
+rnn_scan.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- nn.LSTM / nn.GRU / nn.RNN semantics on top of the scan -----------------------------
+
+
+def run_rnn(mode: str, x: torch.Tensor, hx: Any, weights: Sequence[torch.Tensor], has_biases: bool,
+            num_layers: int, dropout: float, train: bool, bidirectional: bool,
+            batch_first: bool) -> tuple[torch.Tensor, ...]:
+    """What ``torch._VF.<mode>`` computes, with one scan op per layer and direction."""
+    directions = 2 if bidirectional else 1
+    per_layer = 4 if has_biases else 2
+    seq = x if batch_first else x.transpose(0, 1)  # (B, T, d)
+    if mode == "lstm":
+        h0_all, c0_all = hx
+    else:
+        h0_all, c0_all = hx, None
+    hidden = h0_all.shape[-1]
+    h_n, c_n = [], []
+    layer_input = seq
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            w = weights[k * per_layer : (k + 1) * per_layer]
+            w_ih, w_hh = w[0], w[1]
+            b_ih = w[2] if has_biases else None
+            b_hh = w[3] if has_biases else w_hh.new_zeros(w_hh.shape[0])
+            source = layer_input.flip(1) if direction == 1 else layer_input
+            gates_x = F.linear(source, w_ih, b_ih)
+            h0 = h0_all[k]
+            c0 = c0_all[k] if c0_all is not None else torch.zeros_like(h0)
+            out, h_last, c_last, _, _ = rnn_scan(gates_x, h0, c0, w_hh, b_hh, mode)
+            outputs.append(out.flip(1) if direction == 1 else out)
+            h_n.append(h_last)
+            c_n.append(c_last)
+        layer_input = torch.cat(outputs, -1) if directions == 2 else outputs[0]
+        if dropout > 0 and train and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, dropout, True)
+    output = layer_input if batch_first else layer_input.transpose(0, 1)
+    if hidden != h_n[0].shape[-1]:  # pragma: no cover - shapes are checked by nn.RNNBase
+        raise AssertionError("hidden size mismatch")
+    if mode == "lstm":
+        return output, torch.stack(h_n), torch.stack(c_n)
+    return output, torch.stack(h_n)
+
+
+_VF_FUNCTIONS = {
+    "lstm": torch._VF.lstm,  # type: ignore[attr-defined]
+    "gru": torch._VF.gru,  # type: ignore[attr-defined]
+    "rnn_tanh": torch._VF.rnn_tanh,  # type: ignore[attr-defined]
+    "rnn_relu": torch._VF.rnn_relu,  # type: ignore[attr-defined]
+}
+
+
+class _RecurrenceMode(TorchFunctionMode):
+    """Routes the ``_VF`` RNN calls of nn.LSTM / nn.GRU / nn.RNN to :func:`run_rnn`."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for mode, vf in _VF_FUNCTIONS.items():
+            if func is vf and _plain_call(mode, args):
+                return run_rnn(mode, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _plain_call(mode: str, args: tuple[Any, ...]) -> bool:
+    """The (input, hx, weights, ...) overload without projections (not a PackedSequence)."""
+    if len(args) != 9 or not isinstance(args[2], (list, tuple)):
+        return False
+    weights, has_biases, num_layers, bidirectional = args[2], args[3], args[4], args[7]
+    per_layer = 4 if has_biases else 2
+    return len(weights) == per_layer * num_layers * (2 if bidirectional else 1)
+
+
+@contextlib.contextmanager
+def recurrences_as_scans() -> Iterator[None]:
+    """Within this context, RNN modules trace to scan ops instead of unrolled steps."""
+    with _RecurrenceMode():
+        yield
