@@ -21,39 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from passes.sample_dims import SampleDim
-
 # Materializing more than this many per-sample gradient elements for one parameter is refused
 # in favour of ghost norms, whatever the flop count says (about 1 GiB in float32).
 MATERIALIZE_ELEMENT_LIMIT = 1 << 28
 # Up to this many positions per sample, embedding norms use the (T x T) equality trick;
 # beyond it, sorting (sample, index) keys and summing runs is cheaper.
 LOOKUP_GHOST_MAX_POSITIONS = 16
-
-
-def split_samples(t: torch.Tensor, sd: SampleDim, batch: int) -> torch.Tensor:
-    """Move samples to a new leading dimension: (…, o·B·i, …) → (B, …, o·i, …)."""
-    d = sd.dim
-    shape = tuple(t.shape)
-    moved = t.unflatten(d, (sd.outer, batch, sd.inner)).movedim(d + 1, 0)
-    return moved.reshape(batch, *shape[:d], sd.outer * sd.inner, *shape[d + 1 :])
-
-
-def rows_per_sample(t: torch.Tensor, sd: SampleDim, batch: int, trailing: int) -> torch.Tensor:
-    """(B, T, *last ``trailing`` dims): every position of a sample's slice as one row."""
-    per_sample = split_samples(t, sd, batch)
-    tail = tuple(per_sample.shape[per_sample.dim() - trailing :]) if trailing else ()
-    return per_sample.reshape(batch, -1, *tail)
-
-
-def scale_samples(t: torch.Tensor, sd: SampleDim, weights: torch.Tensor) -> torch.Tensor:
-    """Multiply sample ``b``'s slice of ``t`` by ``weights[b]``."""
-    batch = weights.shape[0]
-    d = sd.dim
-    split = t.unflatten(d, (sd.outer, batch, sd.inner))
-    view = [1] * split.dim()
-    view[d + 1] = batch
-    return (split * weights.to(t.dtype).view(view)).flatten(d, d + 2)
 
 
 class GradForm:

@@ -20,16 +20,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from passes.grad_forms import (
-    Dense,
-    GradForm,
-    Lookup,
-    Outer,
-    Scattered,
-    rows_per_sample,
-    split_samples,
-)
+from passes.grad_forms import Dense, GradForm, Lookup, Outer, Scattered
 from passes.sample_dims import Analysis, SampleDim
+from passes.samples import rows_per_sample, split_samples
 
 aten = torch.ops.aten
 

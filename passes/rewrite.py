@@ -25,15 +25,10 @@ from torch.utils._pytree import tree_map
 
 from passes.capture import Capture, decomposition_table
 from passes.errors import DPCompileError
-from passes.grad_forms import (
-    Dense,
-    GradForm,
-    NormPlan,
-    combine_sq_norms,
-    scale_samples,
-)
+from passes.grad_forms import Dense, GradForm, NormPlan, combine_sq_norms
 from passes.per_sample_rules import RuleContext, per_sample_form, vmap_node
 from passes.sample_dims import Analysis, SampleDim
+from passes.samples import scale_samples
 
 aten = torch.ops.aten
 

@@ -1,0 +1,91 @@
+"""partition: split a private graph into a forward graph and a private-backward graph.
+
+A training loop runs the forward, lets the caller's loss produce the output gradients, then runs
+the backward. :func:`split` cuts the rewritten joint graph at the seeds:
+
+    forward:  (*trainable, *frozen, *buffers, *batch) -> (*outputs, *saved)
+    backward: (*saved, *seeds, mask, max_grad_norm)    -> (per_sample_norms, *clipped_grads)
+
+Backward nodes are those that depend on the seeds, the mask or the clipping bound; every
+forward value they read is saved. Forward values the backward does not read are not kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from passes.rewrite import PrivateGraph
+
+
+@dataclass
+class SplitGraphs:
+    forward: fx.GraphModule
+    backward: fx.GraphModule
+    num_outputs: int  # model output leaves returned by the forward before the saved values
+    num_saved: int
+
+
+def split(private: PrivateGraph) -> SplitGraphs:
+    """Cut the private graph into forward and backward at the seeds (see module docstring)."""
+    gm = private.graph_module
+    capture = private.capture
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    num_forward_inputs = capture.num_params + len(capture.buffers) + capture.num_batch
+    forward_inputs = placeholders[:num_forward_inputs]
+    backward_inputs = placeholders[num_forward_inputs:]  # seeds, mask, max_grad_norm
+    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    results = list(output_node.args[0])
+    num_leaves = len(capture.output_is_differentiable)
+    leaves, backward_results = results[:num_leaves], results[num_leaves:]
+
+    in_backward: set[fx.Node] = set(backward_inputs)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and any(a in in_backward for a in node.all_input_nodes):
+            in_backward.add(node)
+
+    saved: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node in in_backward and node.op != "placeholder":
+            for arg in node.all_input_nodes:
+                if arg not in in_backward and arg not in seen:
+                    seen.add(arg)
+                    saved.append(arg)
+    for value in backward_results:
+        if isinstance(value, fx.Node) and value not in in_backward and value not in seen:
+            seen.add(value)  # a result that needs no seed (e.g. an unused mask) is saved as is
+            saved.append(value)
+
+    forward = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in forward_inputs:
+        env[node] = forward.node_copy(node)
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output") or node in in_backward:
+            continue
+        env[node] = forward.node_copy(node, lambda n: env[n])
+    forward.output(tuple(env[n] if isinstance(n, fx.Node) else n for n in leaves) + tuple(env[n] for n in saved))
+    forward.eliminate_dead_code()
+
+    backward = fx.Graph()
+    benv: dict[fx.Node, fx.Node] = {}
+    for k, node in enumerate(saved):
+        new = backward.placeholder(f"saved_{k}")
+        new.meta = dict(node.meta)
+        benv[node] = new
+    for node in backward_inputs:
+        benv[node] = backward.node_copy(node)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node in in_backward:
+            benv[node] = backward.node_copy(node, lambda n: benv[n])
+    backward.output(tuple(benv[n] if isinstance(n, fx.Node) else n for n in backward_results))
+    backward.eliminate_dead_code()
+
+    return SplitGraphs(
+        forward=fx.GraphModule(gm, forward),
+        backward=fx.GraphModule(gm, backward),
+        num_outputs=num_leaves,
+        num_saved=len(saved),
+    )
