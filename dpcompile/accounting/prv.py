@@ -39,6 +39,7 @@ import numpy as np
 from scipy import fft as sp_fft
 from scipy import integrate
 from scipy.optimize import brentq
+from scipy.signal import lfilter
 from scipy.special import log_ndtr, logsumexp, ndtr, ndtri
 
 from dpcompile.accounting._validation import check_delta, check_positive, check_steps
@@ -328,8 +329,10 @@ def prv_epsilon(segments: list[tuple[float, float, int]], delta: float, eps_erro
     errors: list[str] = []
     for lam, bottom, top in windows:
         try:
-            raw = _compose_and_invert(discs, h, lam, bottom, top, total_shift, targets, de,
-                                      max_grid_points)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                # Far below the answer the tilt weights overflow; those bins are never used.
+                raw = _compose_and_invert(discs, h, lam, bottom, top, total_shift, targets, de,
+                                          max_grid_points)
         except _WindowTooHigh as err:
             if bottom <= bottom_markov:
                 # δ - delta_error is only reached below -log(8/delta_error): ε_Ỹ < -e, ε = 0.
@@ -390,33 +393,42 @@ def _compose_and_invert(discs: list[_Discrete], h: float, lam: float, bottom: fl
     lattice = i_bottom + np.arange(n)
     t = lattice * h + total_shift
 
-    # p*(I) = z_I · exp(K - λ h I): work with weights relative to the bottom of the window.
-    w1 = -lam * h * (lattice - i_bottom)  # log weight of p*, minus W1
-    log_w1_ref = log_m_total - lam * h * i_bottom
-    d1 = np.cumsum((z * np.exp(w1))[::-1])[::-1]
-    d2 = np.cumsum((z * np.exp(w1 - (t - t[0])))[::-1])[::-1]
-    # δ at ε = t_I (scaled by exp(-log_w1_ref)):  D1(I) - e^{t_I - t_0} D2(I)
-    with np.errstate(over="ignore", invalid="ignore"):
-        delta_at = d1 - np.exp(t - t[0]) * d2
+    # p*(I) = z_I · exp(K - λ h I). Scale by the weight at the tilted peak; exponents are
+    # clipped (far below the peak, beneath the answer, the values do not matter).
+    j_ref = int(np.argmax(z))
+    log_ref = log_m_total - lam * h * (i_bottom + j_ref)
+    w = np.exp(np.clip(-lam * h * (np.arange(n) - j_ref), -745.0, 700.0))
+    p = z * w  # p*(I) · exp(-log_ref)
+    # Reverse recursions (no overflow, no cancellation), for ε in [t_I, t_{I+1}]:
+    #   D1(I) = Σ_{J≥I} p_J,  E(I) = Σ_{J≥I} p_J e^{t_I - t_J} = p_I + e^{-h} E(I+1),
+    #   G(I) = δ(t_I) = D1(I) - E(I) = G(I+1) + (1 - e^{-h}) E(I+1),
+    #   δ(ε) = D1(I+1) - e^{ε - t_{I+1}} E(I+1).
+    rev = p[::-1]
+    d1 = np.cumsum(rev)[::-1]
+    e_rec = lfilter([1.0], [1.0, -math.exp(-h)], rev)[::-1]
+    inc = np.empty(n)
+    inc[:-1] = -math.expm1(-h) * e_rec[1:]
+    inc[-1] = 0.0
+    delta_at = np.cumsum(inc[::-1])[::-1]
     # Round-off: noise level of z from its negative entries (FFT noise is symmetric).
     zmax = float(np.max(z))
     noise = max(2.0 * float(-np.min(z)), 4.0 * _EPS * math.log2(n) * zmax, 0.0)
-    noise_tail = noise * np.cumsum(np.exp(w1)[::-1])[::-1]  # Σ_{J≥I} noise·weight_J
+    noise_tail = noise * np.cumsum(w[::-1])[::-1]  # Σ_{J≥I} noise·weight_J
 
     def crossing(target: float) -> tuple[float, int]:
         """Largest ε with δ̂(ε) ≥ target (the conservative crossing) and its bin."""
-        scaled = float(np.exp(math.log(target) - log_w1_ref))
+        scaled = float(np.exp(math.log(target) - log_ref))
         above = np.flatnonzero(delta_at >= scaled)
         if above.size == 0:
             return -math.inf, -1
         i = int(above[-1])
         if i >= n - 2:
             raise _Retry("delta is not reached below the top of the window (round-off)")
-        a1, a2 = d1[i + 1], d2[i + 1]
-        num = a1 - scaled
-        if a2 <= 0 or num <= 0:
+        num = d1[i + 1] - scaled
+        den = e_rec[i + 1]
+        if den <= 0 or num <= 0:
             return float(t[i + 1]), i
-        eps = math.log(num) - math.log(a2) + t[0]
+        eps = t[i + 1] + math.log(num) - math.log(den)
         return float(min(max(eps, t[i]), t[i + 1])), i
 
     margin = 4  # the answer must not sit in the bottom bins (wrapped-around mass lands there)
@@ -424,7 +436,9 @@ def _compose_and_invert(discs: list[_Discrete], h: float, lam: float, bottom: fl
     eps_up, i_up = crossing(lo_t)
     if i_up <= margin:
         raise _WindowTooHigh(f"crossing for delta={lo_t:g} below the window")
-    fp_error = float(noise_tail[i_up]) * math.exp(log_w1_ref)
+    if lam > 0 and -lam * h * (i_up - j_ref) >= 700.0:  # weights clipped at/below the answer
+        raise _Retry("the tilt is too strong for this window")
+    fp_error = float(noise_tail[i_up]) * math.exp(min(log_ref, 700.0))
     if not fp_error <= 5.0 * de / 16.0:
         raise _Retry(f"floating-point noise ~{fp_error:.2g} exceeds the delta budget")
     eps_mid, i_mid = crossing(mid_t)
