@@ -1,3 +1,28 @@
-"""dpcompile: differentially private training (DP-SGD) as a compiler transformation."""
+"""dpcompile: differentially private training (DP-SGD) as a compiler transformation.
+
+    model, optimizer, loader = dpcompile.dp_compile(model, optimizer, loader, noise_multiplier=1.1)
+
+See ``dp_compile`` and the Opacus-compatible ``PrivacyEngine``.
+"""
+
+from dpcompile.api import PoissonSamplingWarning, dp_compile
+from dpcompile.data import DPDataLoader, PoissonBatchSampler
+from dpcompile.module import PrivateModule
+from dpcompile.opacus_compat import BatchMemoryManager, PrivacyEngine
+from dpcompile.optimizer import DPOptimizer
+from dpcompile.privacy import AdaptiveClipping, PrivacyState
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AdaptiveClipping",
+    "BatchMemoryManager",
+    "DPDataLoader",
+    "DPOptimizer",
+    "PoissonBatchSampler",
+    "PoissonSamplingWarning",
+    "PrivacyEngine",
+    "PrivacyState",
+    "PrivateModule",
+    "dp_compile",
+]

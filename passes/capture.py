@@ -192,8 +192,13 @@ def capture(
     targets: Sequence[torch.Tensor] = (),
     *,
     batch_dim: int | Sequence[int] = 0,
+    arguments: Callable[[Sequence[torch.Tensor]], tuple[tuple[Any, ...], dict[str, Any]]] | None = None,
 ) -> Capture:
-    """Trace ``model(*inputs)`` (then ``loss_fn(output, *targets)``) and its backward to aten."""
+    """Trace ``model(*inputs)`` (then ``loss_fn(output, *targets)``) and its backward to aten.
+
+    ``arguments`` rebuilds the model's call ``(args, kwargs)`` from the batch tensors, for models
+    called with keyword or nested arguments; by default the inputs are the positional arguments.
+    """
     inputs = _as_tuple(inputs)
     targets = _as_tuple(targets) if loss_fn is not None else ()
     batch = (*inputs, *targets)
@@ -226,7 +231,11 @@ def capture(
 
     def run_forward(values: dict[str, torch.Tensor], batch_values: Sequence[torch.Tensor]) -> Any:
         model_inputs = batch_values[: len(inputs)]
-        out = functional_call(model, values, tuple(model_inputs), strict=False)
+        if arguments is None:
+            args, kwargs = tuple(model_inputs), {}
+        else:
+            args, kwargs = arguments(model_inputs)
+        out = functional_call(model, values, args, kwargs, strict=False)
         if loss_fn is not None:
             out = loss_fn(out, *batch_values[len(inputs) :])
         return out

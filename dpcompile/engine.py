@@ -1,0 +1,292 @@
+"""The runtime behind a dp_compiled model: compiled private steps, padding, accumulation.
+
+A training-mode forward with gradients enabled runs the compiled forward graph on the batch
+padded to a fixed physical size (so Poisson batch sizes do not recompile), and registers an
+autograd node whose backward runs the compiled private backward: per-sample norms, clipping and
+the clipped sums in one pass. Padding rows get clip factor 0 and zero output gradients; the
+sample-dim analysis proved they cannot influence real rows. Clipped sums are accumulated here
+(not in ``p.grad``, which the user may clear) until the optimizer takes the noisy step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+from dpcompile.privacy import PrivacyState
+from passes import analyze, capture, private_backward
+from passes.capture import Capture
+from passes.errors import BatchDimensionError
+from passes.grad_forms import NormPlan
+from passes.lower import Backend, lower
+from passes.partition import SplitGraphs, split
+from passes.rewrite import example_private_inputs
+from passes.sample_dims import SampleDim
+from passes.samples import pad_samples, take_samples
+
+
+@dataclass
+class CompiledStep:
+    """Forward and private backward compiled for one physical batch signature."""
+
+    capture: Capture
+    graphs: SplitGraphs
+    forward: Callable[..., Any]
+    backward: Callable[..., Any]
+    padded_batch: int
+    leaf_dims: list[SampleDim | None]
+    seed_dims: list[SampleDim | None]
+    plans: dict[str, NormPlan]
+
+    @property
+    def num_leaves(self) -> int:
+        return len(self.leaf_dims)
+
+
+def bucket_step(expected_batch_size: float) -> int:
+    """Padding granularity: about 1/8 of the expected batch, a power of two, at least 8."""
+    return max(8, 2 ** int(math.floor(math.log2(max(expected_batch_size / 8, 1)))))
+
+
+class Engine:
+    """Compiles and runs a module's private steps; holds the clipped-sum accumulator."""
+
+    def __init__(self, module: nn.Module, state: PrivacyState, *, backend: Backend = "inductor",
+                 batch_dim: int = 0, max_physical_batch_size: int | None = None) -> None:
+        self.module = module
+        self.state = state
+        self.backend: Backend = backend
+        self.batch_dim = batch_dim
+        self.max_physical_batch_size = max_physical_batch_size
+        self.step_size = bucket_step(state.expected_batch_size)
+        self._steps: dict[tuple[Any, ...], CompiledStep] = {}
+        self.accumulator: dict[str, torch.Tensor] = {}
+        self.unclipped_count = 0.0  # samples whose norm was within C (adaptive clipping)
+        self.samples_seen = 0  # real samples in the current logical batch
+
+    # ---- parameters ----------------------------------------------------------------------
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    @property
+    def compiled_graph_count(self) -> int:
+        """Number of compiled (forward, private backward) graph pairs."""
+        return len(self._steps)
+
+    def plans(self) -> dict[str, NormPlan]:
+        """How each parameter's per-sample norm is computed (latest compiled step)."""
+        return next(reversed(self._steps.values())).plans if self._steps else {}
+
+    def padded_size(self, count: int) -> int:
+        size = max(2, -(-count // self.step_size) * self.step_size)
+        if self.max_physical_batch_size is not None:
+            size = min(size, max(2, self.max_physical_batch_size))
+        return max(size, count)
+
+    # ---- compile -------------------------------------------------------------------------
+    def _flatten_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], TreeSpec, list[Any]]:
+        leaves, spec = tree_flatten((args, kwargs))
+        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        if not tensors:
+            raise BatchDimensionError(
+                f"{type(self.module).__name__} was called without tensors: nothing carries the batch"
+            )
+        constants = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        return tensors, spec, constants
+
+    def batch_size(self, tensors: list[torch.Tensor]) -> int:
+        d = self.batch_dim
+        sizes = {int(t.shape[d]) for t in tensors if t.dim() > d}
+        if len(sizes) != 1 or any(t.dim() <= d for t in tensors):
+            shapes = [tuple(t.shape) for t in tensors]
+            raise BatchDimensionError(
+                f"the tensors passed to {type(self.module).__name__} ({shapes}) do not share one "
+                f"batch size along dimension {d}: every tensor argument must hold one row per "
+                "sample (pass batch_dim=... to dp_compile if the batch is not dimension 0; "
+                "non-batch tensors belong in the module as buffers)"
+            )
+        return sizes.pop()
+
+    def _signature(self, tensors: list[torch.Tensor], spec: TreeSpec, constants: list[Any], padded: int) -> tuple[Any, ...]:
+        d = self.batch_dim
+        shapes = tuple(
+            (tuple(s for k, s in enumerate(t.shape) if k != d), t.dtype, t.device) for t in tensors
+        )
+        params = tuple((n, p.dtype, p.device, p.requires_grad) for n, p in self.module.named_parameters())
+        return (padded, shapes, str(spec), repr(constants), self.module.training, params)
+
+    def compiled_step(self, tensors: list[torch.Tensor], spec: TreeSpec, constants: list[Any], padded: int) -> CompiledStep:
+        key = self._signature(tensors, spec, constants, padded)
+        step = self._steps.get(key)
+        if step is None:
+            step = self._compile(tensors, spec, constants, padded)
+            self._steps[key] = step
+        return step
+
+    def _compile(self, tensors: list[torch.Tensor], spec: TreeSpec, constants: list[Any], padded: int) -> CompiledStep:
+        example = [pad_rows(t, self.batch_dim, padded) for t in tensors]
+
+        def arguments(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            values = iter(batch)
+            leaves = [next(values) if c is None else c for c in constants]
+            args, kwargs = tree_unflatten(leaves, spec)
+            return tuple(args), dict(kwargs)
+
+        cap = capture(self.module, example, batch_dim=self.batch_dim, arguments=arguments)
+        analysis = analyze(cap)
+        inputs = example_private_inputs(cap)
+        clipping = "per_layer" if self.state.clipping == "per_layer" else "flat"
+        if clipping == "per_layer":
+            inputs[-1] = inputs[-1].expand(len(cap.grad_for)).clone()
+        private = private_backward(cap, analysis, clipping, inputs)
+        graphs = split(private)
+        leaf_dims = []
+        output = next(n for n in cap.graph_module.graph.nodes if n.op == "output")
+        for leaf in list(output.args[0])[: len(cap.output_is_differentiable)]:
+            info = analysis.of(leaf)
+            leaf_dims.append(info if isinstance(info, SampleDim) else None)
+        seed_dims = [d for d, diff in zip(leaf_dims, cap.output_is_differentiable) if diff]
+        return CompiledStep(
+            capture=cap,
+            graphs=graphs,
+            forward=lower(graphs.forward, self.backend),
+            backward=lower(graphs.backward, self.backend),
+            padded_batch=padded,
+            leaf_dims=leaf_dims,
+            seed_dims=seed_dims,
+            plans=private.plans,
+        )
+
+    def warm_up(self, args: tuple[Any, ...]) -> None:
+        """Compile the training graphs for the expected batch size and run them once, no effect."""
+        was_training = self.module.training
+        self.module.train()
+        try:
+            tensors, spec, constants = self._flatten_call(args, {})
+            count = self.batch_size(tensors)
+            padded = self.padded_size(max(count, round(self.state.expected_batch_size)))
+            step = self.compiled_step(tensors, spec, constants, padded)
+            batch = [pad_rows(t, self.batch_dim, padded) for t in tensors]
+            with torch.no_grad():
+                _, saved = self.run_forward(step, [p for _, p in self.trainable()], batch)
+                examples = step.capture.example_inputs
+                seeds = [torch.zeros_like(s) for s in examples[len(examples) - step.capture.num_outputs :]]
+                self.run_backward(step, saved, seeds, 0)
+        finally:
+            self.reset()
+            self.module.train(was_training)
+
+    # ---- run -----------------------------------------------------------------------------
+    def forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        tensors, spec, constants = self._flatten_call(args, kwargs)
+        count = self.batch_size(tensors)
+        padded = self.padded_size(count)
+        step = self.compiled_step(tensors, spec, constants, padded)
+        batch = [pad_rows(t, self.batch_dim, padded) for t in tensors]
+        params = [p for _, p in self.trainable()]
+        leaves = _PrivateStep.apply(self, step, count, batch, *params)
+        return tree_unflatten(list(leaves), step.capture.output_spec)
+
+    def run_forward(self, step: CompiledStep, params: list[torch.Tensor], batch: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        named = dict(self.module.named_parameters())
+        buffers = dict(self.module.named_buffers())
+        cap = step.capture
+        flat = [*params, *(named[n] for n in cap.frozen), *(buffers[n] for n in cap.buffers), *batch]
+        out = step.forward(*flat)
+        return list(out[: step.num_leaves]), list(out[step.num_leaves :])
+
+    def run_backward(self, step: CompiledStep, saved: list[torch.Tensor], seeds: list[torch.Tensor], count: int) -> list[torch.Tensor | None]:
+        ref = saved[0] if saved else seeds[0]
+        padded = step.padded_batch
+        mask = torch.zeros(padded, dtype=ref.dtype, device=ref.device)
+        mask[:count] = 1
+        clip = self.clip_bound_tensor(step, ref)
+        out = step.backward(*saved, *seeds, mask, clip)
+        norms, clipped = out[0], out[1:]
+        self._record(step, clipped, norms[:count], count)
+        by_name = dict(zip((step.capture.trainable[k] for k in step.capture.grad_for), clipped))
+        return [by_name.get(name) for name, _ in self.trainable()]
+
+    def clip_bound_tensor(self, step: CompiledStep, ref: torch.Tensor) -> torch.Tensor:
+        bound = self.state.max_grad_norm
+        if isinstance(bound, list):
+            names = [n for n, _ in self.trainable()]
+            by_name = dict(zip(names, bound))
+            values = [by_name[step.capture.trainable[k]] for k in step.capture.grad_for]
+            return torch.tensor(values, dtype=ref.dtype, device=ref.device)
+        return torch.tensor(float(bound), dtype=ref.dtype, device=ref.device)
+
+    def _record(self, step: CompiledStep, clipped: list[torch.Tensor], norms: torch.Tensor, count: int) -> None:
+        names = [step.capture.trainable[k] for k in step.capture.grad_for]
+        for name, grad in zip(names, clipped):
+            if name in self.accumulator:
+                self.accumulator[name].add_(grad)
+            else:
+                self.accumulator[name] = grad.detach().clone()
+        if self.state.adaptive is not None and count:
+            self.unclipped_count += float((norms <= float(self.state.max_grad_norm)).sum())  # type: ignore[arg-type]
+        self.samples_seen += count
+
+    def reset(self) -> None:
+        self.accumulator.clear()
+        self.unclipped_count = 0.0
+        self.samples_seen = 0
+
+
+def pad_rows(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Pad ``t`` along ``dim`` to ``size`` rows by repeating its first row (zeros if empty)."""
+    count = t.shape[dim]
+    if count == size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size - count
+    if count == 0:
+        filler = t.new_zeros(shape)
+    else:
+        filler = t.narrow(dim, 0, 1).expand(shape)
+    return torch.cat([t, filler], dim)
+
+
+class _PrivateStep(torch.autograd.Function):
+    """Forward: the compiled forward graph. Backward: the compiled private backward."""
+
+    @staticmethod
+    def forward(ctx: Any, engine: Engine, step: CompiledStep, count: int, batch: list[torch.Tensor],
+                *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        leaves, saved = engine.run_forward(step, list(params), batch)
+        outputs = []
+        for leaf, sd in zip(leaves, step.leaf_dims):
+            outputs.append(take_samples(leaf, sd, step.padded_batch, count) if sd is not None else leaf)
+        ctx.engine, ctx.step, ctx.count = engine, step, count
+        ctx.save_for_backward(*saved)
+        ctx.set_materialize_grads(False)
+        for out, differentiable in zip(outputs, step.capture.output_is_differentiable):
+            if not differentiable:
+                ctx.mark_non_differentiable(out)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
+        engine: Engine = ctx.engine
+        step: CompiledStep = ctx.step
+        count: int = ctx.count
+        scale = float(count) if engine.state.loss_reduction == "mean" else 1.0
+        seeds = []
+        diff_grads = [g for g, d in zip(grads, step.capture.output_is_differentiable) if d]
+        examples = step.capture.example_inputs[len(step.capture.example_inputs) - step.capture.num_outputs :]
+        for grad, sd, example in zip(diff_grads, step.seed_dims, examples):
+            if grad is None:
+                seeds.append(torch.zeros_like(example))
+            elif sd is None:
+                seeds.append(grad)
+            else:
+                # Output gradients of a mean loss are 1/n of each sample's gradient.
+                seeds.append(pad_samples(grad * scale, sd, count, step.padded_batch))
+        clipped = engine.run_backward(step, list(ctx.saved_tensors), seeds, count)
+        return (None, None, None, None, *clipped)
