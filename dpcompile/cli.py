@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 COMMAND_MODULES: tuple[str, ...] = (
+    "dpcompile.examples.digits",
     "dpcompile.accounting.cli",
 )
 
