@@ -97,24 +97,30 @@ class DPOptimizer(Optimizer):
         return f"DPOptimizer({self.original_optimizer!r}, privacy={self.engine.state!r})"
 
     # ---- the private step --------------------------------------------------------------
+    def clipped_sums(self) -> list[torch.Tensor]:
+        """Σ_b c_b·g_b of the logical batch for every trainable parameter (zeros if unused)."""
+        sums = []
+        for name, p in self.engine.trainable():
+            acc = self.engine.accumulator.get(name)
+            sums.append(acc if acc is not None else torch.zeros_like(p))
+        return sums
+
+    def add_noise(self, grads: list[torch.Tensor]) -> None:
+        """Add N(0, σ_Δ²C²) to every coordinate, in place."""
+        std = self.engine.state.noise_std
+        if std > 0:
+            torch._foreach_add_(grads, self.noise.normal_like(grads), alpha=std)
+
     def pre_step(self) -> bool:
         """Noise and scale the accumulated clipped sums into ``.grad``; False on a virtual step."""
         if not self.signal.end_of_logical_batch:
             return False
         state = self.engine.state
-        params = [p for _, p in self.engine.trainable()]
-        names = [n for n, _ in self.engine.trainable()]
-        grads = []
-        for name, p in zip(names, params):
-            acc = self.engine.accumulator.get(name)
-            grads.append(acc if acc is not None else torch.zeros_like(p))
-        std = state.noise_std
-        if std > 0:
-            noises = self.noise.normal_like(grads)
-            torch._foreach_add_(grads, noises, alpha=std)
+        grads = self.clipped_sums()
+        self.add_noise(grads)
         if state.loss_reduction == "mean":
             torch._foreach_div_(grads, state.expected_batch_size)
-        for p, g in zip(params, grads):
+        for (_, p), g in zip(self.engine.trainable(), grads):
             p.grad = g.to(p.dtype)
         self._update_clip_bound()
         state.accountant.step(state.noise_multiplier, state.sample_rate)
