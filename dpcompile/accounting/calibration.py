@@ -70,7 +70,12 @@ def get_noise_multiplier(
     epsilon_tolerance: float = 0.01,
     **accountant_kwargs: Any,
 ) -> float:
-    """Smallest σ found such that ``target_epsilon - epsilon_tolerance ≤ ε(σ) ≤ target_epsilon``.
+    """σ such that ``target_epsilon - epsilon_tolerance ≤ ε(σ) ≤ target_epsilon``.
+
+    ε(σ) ≤ target always holds for the returned σ. The lower side holds unless ε is flat in σ
+    (then the search stops once σ is known to 1e-4, relative, or to 2% next to a σ the
+    accountant cannot certify at all) or the target needs less noise than σ = 1e-2 (then 1e-2
+    is returned).
 
     Args:
         target_epsilon, target_delta: the privacy target (ε > 0, 0 < δ < 1).
@@ -144,31 +149,34 @@ def get_noise_multiplier(
             else:
                 lo = cand
 
-    # Safeguarded regula falsi (Illinois) on g(u) = ε(e^u) - target, u = log σ.
+    # Safeguarded regula falsi (Illinois) on g(u) = ε(e^u) - target, u = log σ. Stops when ε is
+    # within the tolerance below the target, or when σ is pinned down to 1e-4 (relative): the
+    # latter only matters where ε(σ) is flat (e.g. a tiny sample rate: ε ≈ 0 for every σ).
     assert lo is not None and hi is not None
     u_lo, u_hi = math.log(lo), math.log(hi)
-    g_lo, g_hi = eps_of(lo) - eps_t, eps_of(hi) - eps_t
+    g_lo, g_hi = eps_of(lo) - eps_t, eps_of(hi) - eps_t  # true values
+    w_lo, w_hi = g_lo, g_hi  # Illinois-weighted values used for the secant
     side = 0
-    for _ in range(200):
-        if g_hi >= -tol or (u_hi - u_lo) < 1e-13:
+    for _ in range(100):
+        # Where the accountant could not certify σ_lo at all, 2% is close enough.
+        if g_hi >= -tol or (u_hi - u_lo) < (1e-4 if math.isfinite(g_lo) else 0.02):
             break
-        if math.isfinite(g_lo):
-            u = u_hi - g_hi * (u_hi - u_lo) / (g_hi - g_lo)
-            width = u_hi - u_lo
-            if not (u_lo + 0.05 * width < u < u_hi - 0.05 * width):
-                u = 0.5 * (u_lo + u_hi)
-        else:
-            u = 0.5 * (u_lo + u_hi)
+        width = u_hi - u_lo
+        u = 0.5 * (u_lo + u_hi)
+        if math.isfinite(w_lo) and w_lo != w_hi:
+            secant = u_hi - w_hi * width / (w_hi - w_lo)
+            if u_lo + 0.05 * width < secant < u_hi - 0.05 * width:
+                u = secant
         g = eps_of(math.exp(u)) - eps_t
         if g > 0:
-            u_lo, g_lo = u, g
+            u_lo, g_lo, w_lo = u, g, g
             if side == -1:
-                g_hi /= 2.0
+                w_hi /= 2.0
             side = -1
         else:
-            u_hi, g_hi = u, g
+            u_hi, g_hi, w_hi = u, g, g
             if side == 1:
-                g_lo /= 2.0
+                w_lo /= 2.0
             side = 1
     result = math.exp(u_hi)
     if not eps_of(result) <= eps_t:  # by construction; never return an overshooting σ

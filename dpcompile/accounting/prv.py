@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,18 +44,10 @@ from scipy.special import log_ndtr, logsumexp, ndtr, ndtri
 
 from dpcompile.accounting._validation import check_delta, check_positive, check_steps
 from dpcompile.accounting.base import Accountant, register_accountant
-from dpcompile.accounting.rdp import DEFAULT_ORDERS, compute_rdp
 
 _EPS = float(np.finfo(float).eps)
 _TAIL_SIGMAS = 13.0
 _TILTED_TAIL = 1e-20  # tilted mass allowed outside the composition window
-_CHERNOFF_ORDERS = np.unique(np.concatenate([
-    np.asarray(DEFAULT_ORDERS),
-    np.array([1.01, 1.02, 1.03, 1.05, 1.07]),
-    np.array([72.0, 80.0, 96.0, 112.0, 160.0, 192.0, 320.0, 384.0, 768.0]),
-]))
-
-
 class _SingleStep:
     """The privacy loss Y of one Poisson-subsampled Gaussian step (remove direction)."""
 
@@ -208,6 +200,13 @@ class _Discrete:
     pmf: np.ndarray
     shift: float
     steps: int
+    logp: np.ndarray = field(init=False, repr=False)
+    lattice: np.ndarray = field(init=False, repr=False)  # the indices i, as floats
+
+    def __post_init__(self) -> None:
+        with np.errstate(divide="ignore"):
+            self.logp = np.log(self.pmf)
+        self.lattice = self.i_lo + np.arange(len(self.pmf), dtype=float)
 
 
 def _discretise(step: _SingleStep, h: float, t_lo: float, t_hi: float, steps: int) -> _Discrete:
@@ -251,32 +250,15 @@ class _Result:
     upper: float
 
 
-def _chernoff_quantile(orders: np.ndarray, rdp_total: np.ndarray, p: float) -> tuple[float, float]:
-    """x with P[ΣY > x] ≤ p from the RDP, and the optimal λ = α - 1."""
-    vals = rdp_total + math.log(1.0 / p) / (orders - 1.0)
-    i = int(np.argmin(vals))
-    return float(vals[i]), float(orders[i] - 1.0)
+_LAMBDAS = np.geomspace(1e-3, 1e3, 31)  # tilts for the Chernoff bounds of the lattice sum
 
 
-def _tilted_range(orders: np.ndarray, rdp_total: np.ndarray, lam: float,
-                  tail: float) -> tuple[float, float]:
-    """Chernoff range [x_lo, x_hi] holding all but ``tail`` of the λ-tilted composed loss.
-
-    With K(λ) = λ·R(λ+1) the log-MGF of ΣY, the tilted law has log-MGF K(λ+u) - K(λ), so
-    P̃[ΣY > x] ≤ exp(K(λ') - K(λ) - (λ'-λ)x) for λ' > λ and P̃[ΣY < x] ≤
-    exp(K(λ'') - K(λ) + (λ-λ'')x) for 0 ≤ λ'' < λ.
-    """
-    lams = orders - 1.0
-    kk = lams * rdp_total
-    k0 = float(np.interp(lam, lams, kk))
-    log_t = math.log(1.0 / tail)
-    up = lams > lam
-    x_hi = float(np.min((kk[up] - k0 + log_t) / (lams[up] - lam))) if np.any(up) else -math.inf
-    down = lams < lam
-    cand = [(k0 - log_t) / lam]  # λ'' = 0
-    if np.any(down):
-        cand.extend(((k0 - kk[down] - log_t) / (lam - lams[down])).tolist())
-    return x_hi, float(max(cand))
+def _log_mgf(discs: list[_Discrete], h: float, lam: float) -> float:
+    """K(λ) = log E[exp(λ·h·ΣI)] of the composed lattice sum (exact, in log space)."""
+    total = 0.0
+    for d in discs:
+        total += d.steps * float(logsumexp(d.logp + (lam * h) * d.lattice))
+    return total
 
 
 def prv_epsilon(segments: list[tuple[float, float, int]], delta: float, eps_error: float,
@@ -291,39 +273,55 @@ def prv_epsilon(segments: list[tuple[float, float, int]], delta: float, eps_erro
     h = e * math.sqrt(2.0 / (k * math.log(8.0 / de)))
     steps = {key: _SingleStep(*key) for key in grouped}
 
-    # RDP of the whole history: Chernoff bounds for the window and the tilt.
-    orders = _CHERNOFF_ORDERS
-    rdp_total = np.zeros(len(orders))
-    for (s, q), n in grouped.items():
-        rdp_total += n * compute_rdp(s, q, orders)
-    # Untilted upper tail (validity): P[ΣY > x_b] ≤ δe/8; lower tail by Markov (λ = 1).
-    x_b, _ = _chernoff_quantile(orders, rdp_total, de / 8.0)
-    bottom_markov = -math.log(8.0 / de) - e - 2.0 * h
-    slack = e + 2.0 * h  # the mean-matched lattice sum differs from ΣW by < e w.h.p.
+    # Supports: clamp each step's loss at its δe/(4k) upper and δe/(16k) lower quantiles.
+    supports = {key: (st.lower_quantile(de / (16.0 * k)), st.upper_quantile(de / (4.0 * k)))
+                for key, st in steps.items()}
+    widest = max(hi - lo for lo, hi in supports.values()) / h
+    if widest > max_grid_points / 4:  # a single step this wide: ε is huge, the grid would be too
+        raise _too_big(delta, e, 4 * widest, max_grid_points)
+    discs = [_discretise(steps[key], h, *supports[key], n) for key, n in grouped.items()]
+    shift = sum(d.shift * d.steps for d in discs)  # ΣỸ = h·ΣI + shift
 
-    # Tilts to try, best first: the Chernoff saddle point for δ (centres the tilted composition
-    # on the answer: round-off relative to δ, needed for small δ) and smaller ones, down to no
-    # tilt. A tilt is skipped when its window would be much wider than the untilted one.
-    _, lam_saddle = _chernoff_quantile(orders, rdp_total, delta)
+    # Exact Chernoff bounds of the discrete sum from its log-MGF K on a grid of tilts.
+    k_pos = np.array([_log_mgf(discs, h, lam) for lam in _LAMBDAS])
+    k_neg = np.array([_log_mgf(discs, h, -lam) for lam in _LAMBDAS])
+    log_a = math.log(8.0 / de)
+    top_plain = shift + float(np.min((k_pos + log_a) / _LAMBDAS))  # P[ΣỸ ≥ top] ≤ δe/8
+    bottom_plain = shift - float(np.min((k_neg + log_a) / _LAMBDAS))  # P[ΣỸ ≤ bottom] ≤ δe/8
+    bottom_markov = -math.log(8.0 / de) - e - 2.0 * h  # ΣY ≥ this w.p. 1 - δe/8 (E[e^-Y] = 1)
+
+    # Windows to try, best first. Tilted ones centre the composition on the answer (round-off
+    # relative to δ: what makes small δ work); the untilted one is the classic PRV window.
+    log_d = math.log(1.0 / delta)
+    i_s = int(np.argmin((k_pos + log_d) / _LAMBDAS))
+    lam_s, best = float(_LAMBDAS[i_s]), float((k_pos[i_s] + log_d) / _LAMBDAS[i_s])
+    for r in (0.8, 0.89, 1.12, 1.26):  # refine between the grid points (ratio 1.58)
+        cand = float(_LAMBDAS[i_s]) * r
+        val = (_log_mgf(discs, h, cand) + log_d) / cand
+        if val < best:
+            lam_s, best = cand, val
+    log_t = math.log(1.0 / _TILTED_TAIL)
     windows: list[tuple[float, float, float]] = []
-    for lam in (lam_saddle, lam_saddle / 4.0, lam_saddle / 16.0):
-        x_hi, x_lo = _tilted_range(orders, rdp_total, lam, _TILTED_TAIL)
-        top = max(x_b, x_hi) + slack
+    for lam in (lam_s, lam_s / 4.0, lam_s / 16.0):
+        # The tilted law's tails need K close to λ: the global grid is too coarse there.
+        near = lam * np.array([0.25, 0.5, 0.65, 0.8, 0.9, 0.95, 1.05, 1.1, 1.2, 1.35, 1.5, 2.0])
+        lams = np.concatenate([-_LAMBDAS, [0.0], _LAMBDAS, near])
+        ks = np.concatenate([k_neg, [0.0], k_pos, [_log_mgf(discs, h, x) for x in near]])
+        k0 = _log_mgf(discs, h, lam)
+        up, down = lams > lam, lams < lam
+        x_hi = shift + float(np.min((ks[up] - k0 + log_t) / (lams[up] - lam)))
+        x_lo = shift + float(np.max((k0 - ks[down] - log_t) / (lam - lams[down])))
+        top = max(top_plain, x_hi)
         # Mass below the window wraps to its top damped by exp(-λ·width): keep that below δe.
-        bottom = max(bottom_markov, min(x_lo - slack, top - (math.log(16.0 / de) + 5.0) / lam))
+        bottom = max(min(bottom_plain, bottom_markov), min(x_lo, top - (log_a + 10.0) / lam))
         windows.append((lam, bottom, top))
-        if bottom > bottom_markov:  # the same tilt with the widest bottom, if the answer is lower
-            windows.append((lam, bottom_markov, top))
-    windows.append((0.0, bottom_markov, x_b + slack))  # no tilt: the classic PRV window
-
-    # Discretise every distinct (σ, q).
-    discs = []
-    for key, n in grouped.items():
-        st = steps[key]
-        t_hi = st.upper_quantile(de / (4.0 * k))
-        t_lo = st.lower_quantile(de / (16.0 * k))
-        discs.append(_discretise(st, h, t_lo, t_hi, n))
-    total_shift = sum(d.shift * d.steps for d in discs)
+    windows.append((0.0, bottom_plain, top_plain))
+    if bottom_markov < bottom_plain:
+        windows.append((0.0, bottom_markov, top_plain))
+    need = min((top - bottom) / h for _, bottom, top in windows) + 4
+    windows = [w for w in windows if (w[2] - w[1]) / h + 4 <= max_grid_points]
+    if not windows:
+        raise _too_big(delta, e, need, max_grid_points)
 
     targets = [delta - de, delta, delta + de]
     errors: list[str] = []
@@ -331,8 +329,7 @@ def prv_epsilon(segments: list[tuple[float, float, int]], delta: float, eps_erro
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 # Far below the answer the tilt weights overflow; those bins are never used.
-                raw = _compose_and_invert(discs, h, lam, bottom, top, total_shift, targets, de,
-                                          max_grid_points)
+                raw = _compose_and_invert(discs, h, lam, bottom, top, shift, targets, de)
         except _WindowTooHigh as err:
             if bottom <= bottom_markov:
                 # δ - delta_error is only reached below -log(8/delta_error): ε_Ỹ < -e, ε = 0.
@@ -351,6 +348,14 @@ def prv_epsilon(segments: list[tuple[float, float, int]], delta: float, eps_erro
     )
 
 
+def _too_big(delta: float, e: float, need: float, max_grid_points: int) -> ValueError:
+    return ValueError(
+        f"PRV accounting cannot certify epsilon for delta={delta:g} with eps_error={e:g}: it "
+        f"would need about {need:,.0f} grid points (max_grid_points={max_grid_points:,}). Use a "
+        "larger eps_error, a larger max_grid_points, or the 'rdp' accountant"
+    )
+
+
 class _Retry(Exception):
     """This window/tilt does not work numerically; try the next one."""
 
@@ -360,13 +365,10 @@ class _WindowTooHigh(_Retry):
 
 
 def _compose_and_invert(discs: list[_Discrete], h: float, lam: float, bottom: float, top: float,
-                        total_shift: float, targets: list[float], de: float,
-                        max_grid_points: int) -> _Result:
+                        total_shift: float, targets: list[float], de: float) -> _Result:
     i_bottom = int(math.floor((bottom - total_shift) / h))
     i_top = int(math.ceil((top - total_shift) / h))
     needed = i_top - i_bottom + 1
-    if needed > max_grid_points:
-        raise _Retry(f"the grid would need {needed:,} points > max_grid_points")
     n = sp_fft.next_fast_len(max(needed, 16), real=True)
     if n % 2:
         n += 1
