@@ -149,32 +149,38 @@ def get_noise_multiplier(
             else:
                 lo = cand
 
-    # Safeguarded regula falsi (Illinois) on g(u) = ε(e^u) - target, u = log σ. Stops when ε is
-    # within the tolerance below the target, or when σ is pinned down to 1e-4 (relative): the
-    # latter only matters where ε(σ) is flat (e.g. a tiny sample rate: ε ≈ 0 for every σ).
+    # Safeguarded regula falsi (Illinois) on log ε against log σ (nearly linear: ε is roughly a
+    # power of σ). Stops when ε is within the tolerance below the target, or when σ is pinned
+    # down to 1e-4 (relative): the latter only matters where ε(σ) is flat (e.g. a tiny sample
+    # rate: ε ≈ 0 for every σ).
     assert lo is not None and hi is not None
+    log_t = math.log(eps_t)
+
+    def resid(eps: float) -> float:
+        return math.log(eps) - log_t if eps > 0 else -50.0
+
     u_lo, u_hi = math.log(lo), math.log(hi)
-    g_lo, g_hi = eps_of(lo) - eps_t, eps_of(hi) - eps_t  # true values
-    w_lo, w_hi = g_lo, g_hi  # Illinois-weighted values used for the secant
+    e_hi = eps_of(hi)
+    w_lo, w_hi = resid(eps_of(lo)), resid(e_hi)  # Illinois-weighted residuals
     side = 0
     for _ in range(100):
         # Where the accountant could not certify σ_lo at all, 2% is close enough.
-        if g_hi >= -tol or (u_hi - u_lo) < (1e-4 if math.isfinite(g_lo) else 0.02):
+        if e_hi >= eps_t - tol or (u_hi - u_lo) < (1e-4 if math.isfinite(w_lo) else 0.02):
             break
         width = u_hi - u_lo
         u = 0.5 * (u_lo + u_hi)
         if math.isfinite(w_lo) and w_lo != w_hi:
             secant = u_hi - w_hi * width / (w_hi - w_lo)
-            if u_lo + 0.05 * width < secant < u_hi - 0.05 * width:
+            if u_lo + 0.02 * width < secant < u_hi - 0.02 * width:
                 u = secant
-        g = eps_of(math.exp(u)) - eps_t
-        if g > 0:
-            u_lo, g_lo, w_lo = u, g, g
+        eps = eps_of(math.exp(u))
+        if eps > eps_t:
+            u_lo, w_lo = u, resid(eps)
             if side == -1:
                 w_hi /= 2.0
             side = -1
         else:
-            u_hi, g_hi, w_hi = u, g, g
+            u_hi, e_hi, w_hi = u, eps, resid(eps)
             if side == 1:
                 w_lo /= 2.0
             side = 1

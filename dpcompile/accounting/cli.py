@@ -56,7 +56,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--steps", type=int, help="number of steps")
     g.add_argument("--epochs", type=float, help="epochs; steps = ceil(epochs / sample rate)")
-    p.add_argument("--delta", type=float, required=True)
+    p.add_argument("--delta", type=float, required=True, help="delta, e.g. 1e-5")
     p.add_argument("--accountant", choices=ACCOUNTANTS, default=None,
                    help="one accountant (default: all three side by side)")
     p.add_argument("--eps-error", type=float, default=0.01,
