@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--no-opacus", action="store_true")
     args = parser.parse_args()
     warnings.simplefilter("ignore", AccountingWarning)
+    warnings.filterwarnings("ignore", message="Optimal order is the")  # Opacus' edge warning
     r = args.repeat
     rows: list[tuple[str, float, str]] = []
     for label, fn in [

@@ -149,7 +149,7 @@ def test_numpy_scalars_accepted():
     assert acc.epsilon(np.float64(1e-5)) == pytest.approx(7.32911117143, abs=1e-10)
 
 
-@pytest.mark.parametrize("name,kwargs", [("rdp", {"orders": [1.5, 2.0, 8.0, 32.0]}),
+@pytest.mark.parametrize("name,kwargs", [("rdp", {"orders": [1.5, 2.0, 8.0, 32.0]}), ("rdp", {}),
                                          ("prv", {"eps_error": 0.05, "delta_error": 1e-9}),
                                          ("prv", {}), ("gdp", {})])
 def test_state_round_trip(name, kwargs):
@@ -159,6 +159,8 @@ def test_state_round_trip(name, kwargs):
     state = acc.state_dict()
     text = json.dumps(state)  # plain JSON, for checkpoints and graph metadata
     assert state["name"] == name and state["history"] == [[1.1, 0.01, 100], [0.9, 0.02, 50]]
+    if name == "rdp":  # the default grid is stored as null, a custom one as a list
+        assert state["settings"]["orders"] == kwargs.get("orders")
     fresh = create_accountant(name)
     fresh.load_state_dict(json.loads(text))
     assert fresh.history == acc.history
