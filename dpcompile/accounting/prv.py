@@ -14,13 +14,18 @@ with the FFT and read ε off the composed distribution. The result is a certifie
   mean zero and lie in an interval of length h, so by Hoeffding
   P[ΣY > ΣỸ + e] ≤ P[some Y_i > t_hi] + exp(-2e²/(k h²)). Since (1 - e^(ε-y))₊ is increasing
   in y and at most 1, δ_Y(ε + e) ≤ δ_Ỹ(ε) + η: the true ε at δ is at most ε_Ỹ(δ - η) + e.
-* The circular convolution is exact up to aliasing: mass of ΣỸ above the window is bounded by
-  a Chernoff bound built from the RDP of the history, mass below it only adds (conservative).
-* The composition is done on an exponentially tilted copy (weights e^{λt}, λ from the RDP
-  saddle point), so that the FFT round-off is relative to the mass near the answer rather than
-  to the bulk: this is what makes small δ (1e-10 and below) work. The remaining round-off is
-  estimated from the output and must fit in the δ budget, otherwise a ValueError is raised
-  instead of a wrong ε.
+* The circular convolution is exact up to aliasing. Exact Chernoff bounds from the log-MGF of
+  the discretised sum place the window so that at most δe/8 of its mass lies above it (that
+  mass is the only one that can be lost); mass below the window only adds (conservative).
+* The composition is done on an exponentially tilted copy (weights e^{λt}, λ the Chernoff
+  saddle point for δ), so that the FFT round-off is relative to the mass near the answer rather
+  than to the bulk: this is what makes small δ (1e-10 and far below) work. The remaining
+  round-off is estimated from the output and must fit in the δ budget, otherwise another
+  window/tilt is tried and, failing all, a ValueError is raised instead of a wrong ε.
+
+Budget of ``delta_error`` δe: clamping each step's loss at its δe/(4k) upper quantile (δe/4),
+Hoeffding (δe/8), mass above the window (δe/8), round-off (≤ 5δe/16); for the lower bound the
+lower clamps (δe/16) and the mass wrapped around in either direction (δe/8, δe/16) instead.
 
 With e = ``eps_error`` and η ≤ ``delta_error`` the reported upper bound is
 ``max(0, ε_Ỹ(δ - delta_error) + eps_error)``; :meth:`PRVAccountant.epsilon_bounds` also gives
@@ -220,8 +225,6 @@ def _discretise(step: _SingleStep, h: float, t_lo: float, t_hi: float, steps: in
     x = step.x_of_loss(edges)
     cdf = step.cdf_x(x)
     sf = step.sf_x(x)
-    n = len(idx)
-    pmf = np.empty(n)
     # Bin m covers [edge_{m-1}, edge_m); the end bins absorb the clamped tails.
     lower_f = np.concatenate([[0.0], cdf])
     upper_f = np.concatenate([cdf, [1.0]])
@@ -301,7 +304,8 @@ def prv_epsilon(segments: list[tuple[float, float, int]], delta: float, eps_erro
         if val < best:
             lam_s, best = cand, val
     log_t = math.log(1.0 / _TILTED_TAIL)
-    windows: list[tuple[float, float, float]] = []
+    # (λ, bottom, top, the log-MGF table (tilts, K) for λ > 0)
+    windows: list[tuple[float, float, float, tuple[np.ndarray, np.ndarray] | None]] = []
     for lam in (lam_s, lam_s / 4.0, lam_s / 16.0):
         # The tilted law's tails need K close to λ: the global grid is too coarse there.
         near = lam * np.array([0.25, 0.5, 0.65, 0.8, 0.9, 0.95, 1.05, 1.1, 1.2, 1.35, 1.5, 2.0])
@@ -314,22 +318,22 @@ def prv_epsilon(segments: list[tuple[float, float, int]], delta: float, eps_erro
         top = max(top_plain, x_hi)
         # Mass below the window wraps to its top damped by exp(-λ·width): keep that below δe.
         bottom = max(min(bottom_plain, bottom_markov), min(x_lo, top - (log_a + 10.0) / lam))
-        windows.append((lam, bottom, top))
-    windows.append((0.0, bottom_plain, top_plain))
+        windows.append((lam, bottom, top, (lams, ks)))
+    windows.append((0.0, bottom_plain, top_plain, None))
     if bottom_markov < bottom_plain:
-        windows.append((0.0, bottom_markov, top_plain))
-    need = min((top - bottom) / h for _, bottom, top in windows) + 4
+        windows.append((0.0, bottom_markov, top_plain, None))
+    need = min((w[2] - w[1]) / h for w in windows) + 4
     windows = [w for w in windows if (w[2] - w[1]) / h + 4 <= max_grid_points]
     if not windows:
         raise _too_big(delta, e, need, max_grid_points)
 
     targets = [delta - de, delta, delta + de]
     errors: list[str] = []
-    for lam, bottom, top in windows:
+    for lam, bottom, top, mgf in windows:
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 # Far below the answer the tilt weights overflow; those bins are never used.
-                raw = _compose_and_invert(discs, h, lam, bottom, top, shift, targets, de)
+                raw, period = _compose_and_invert(discs, h, lam, bottom, top, shift, targets, de)
         except _WindowTooHigh as err:
             if bottom <= bottom_markov:
                 # δ - delta_error is only reached below -log(8/delta_error): ε_Ỹ < -e, ε = 0.
@@ -339,8 +343,19 @@ def prv_epsilon(segments: list[tuple[float, float, int]], delta: float, eps_erro
         except _Retry as err:
             errors.append(str(err))
             continue
-        return _Result(lower=max(0.0, raw.lower - e), estimate=max(0.0, raw.estimate),
-                       upper=max(0.0, raw.upper + e))
+        lower = max(0.0, raw.lower - e)
+        if mgf is not None and lower > 0.0:
+            # With a tilt, mass above the window wraps around AMPLIFIED by e^{λ·period}. Only
+            # the part landing above the lower crossing t_c matters (it only adds, so the upper
+            # bound is safe); bound it by Chernoff: ≤ 2 exp(K(λ') - λ'(t_c - shift)
+            # - (λ' - λ)·period) for λ' > λ. The lower bound needs that below δe/16.
+            lams, ks = mgf
+            up = lams > lam
+            alias = float(np.min(ks[up] - lams[up] * (raw.lower - shift)
+                                 - (lams[up] - lam) * period)) + math.log(2.0)
+            if alias > math.log(de / 16.0):
+                lower = 0.0  # not certified: only the trivial lower bound
+        return _Result(lower=lower, estimate=max(0.0, raw.estimate), upper=max(0.0, raw.upper + e))
     raise ValueError(
         f"PRV accounting cannot certify epsilon for delta={delta:g} with eps_error={e:g}, "
         f"delta_error={de:g} ({errors[-1]}). Use a larger eps_error or delta_error, a larger "
@@ -365,7 +380,8 @@ class _WindowTooHigh(_Retry):
 
 
 def _compose_and_invert(discs: list[_Discrete], h: float, lam: float, bottom: float, top: float,
-                        total_shift: float, targets: list[float], de: float) -> _Result:
+                        total_shift: float, targets: list[float],
+                        de: float) -> tuple[_Result, float]:
     i_bottom = int(math.floor((bottom - total_shift) / h))
     i_top = int(math.ceil((top - total_shift) / h))
     needed = i_top - i_bottom + 1
@@ -451,7 +467,7 @@ def _compose_and_invert(discs: list[_Discrete], h: float, lam: float, bottom: fl
         eps_low, i_low = crossing(hi_t)
         if i_low <= margin:
             eps_low = -math.inf  # below the window: only the trivial lower bound is certain
-    return _Result(lower=eps_low, estimate=eps_mid, upper=eps_up)
+    return _Result(lower=eps_low, estimate=eps_mid, upper=eps_up), n * h
 
 
 @register_accountant("prv")
