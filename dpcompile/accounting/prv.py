@@ -393,11 +393,10 @@ def _compose_and_invert(discs: list[_Discrete], h: float, lam: float, bottom: fl
     log_m_total = 0.0
     spectrum = None
     for d in discs:
-        idx = d.i_lo + np.arange(len(d.pmf))
-        with np.errstate(divide="ignore"):
-            logp = np.log(d.pmf) + lam * h * idx
+        logp = d.logp + (lam * h) * d.lattice
         log_m = float(logsumexp(logp))
         tilted = np.exp(logp - log_m)
+        idx = d.i_lo + np.arange(len(d.pmf))
         folded = np.bincount(np.mod(idx, n), weights=tilted, minlength=n)
         spec = sp_fft.rfft(folded)
         spec[0] = 1.0  # the exact total mass: keeps the power from drifting
@@ -456,9 +455,11 @@ def _compose_and_invert(discs: list[_Discrete], h: float, lam: float, bottom: fl
         raise _WindowTooHigh(f"crossing for delta={lo_t:g} below the window")
     if lam > 0 and -lam * h * (i_up - j_ref) >= 700.0:  # weights clipped at/below the answer
         raise _Retry("the tilt is too strong for this window")
-    fp_error = float(noise_tail[i_up]) * math.exp(min(log_ref, 700.0))
-    if not fp_error <= 5.0 * de / 16.0:
-        raise _Retry(f"floating-point noise ~{fp_error:.2g} exceeds the delta budget")
+    with np.errstate(divide="ignore"):
+        log_fp = float(np.log(noise_tail[i_up])) + log_ref  # log of the round-off bound on δ
+    if not log_fp <= math.log(5.0 * de / 16.0):
+        raise _Retry(f"floating-point noise ~{math.exp(min(log_fp, 700.0)):.2g} exceeds the "
+                     "delta budget")
     eps_mid, i_mid = crossing(mid_t)
     if i_mid <= margin:
         eps_mid = -math.inf
