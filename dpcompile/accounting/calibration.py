@@ -9,6 +9,7 @@ never overshoots, even where the accountant's ε is not exactly monotone in σ (
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 from dpcompile.accounting._validation import (
@@ -19,6 +20,7 @@ from dpcompile.accounting._validation import (
 )
 from dpcompile.accounting.base import Accountant, create_accountant
 from dpcompile.accounting.gdp import gaussian_mu
+from dpcompile.accounting.rdp import RDPOrderWarning
 
 SIGMA_MIN = 1e-2
 SIGMA_MAX = 1e4
@@ -103,7 +105,10 @@ def get_noise_multiplier(
             acc = _make_accountant(accountant, accountant_kwargs)
             acc.step(sigma, q, n)
             try:
-                value = float(acc.epsilon(delta))
+                with warnings.catch_warnings():
+                    # about the order grid at intermediate σ: not the user's concern
+                    warnings.simplefilter("ignore", RDPOrderWarning)
+                    value = float(acc.epsilon(delta))
             except ValueError:
                 value = math.inf  # the accountant cannot certify at this σ: treat as too large
             evaluated[sigma] = value
