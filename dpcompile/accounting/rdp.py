@@ -283,10 +283,10 @@ class RDPAccountant(Accountant):
             self._orders = new
             self._reset_caches()
 
-    def _on_history_change(self) -> None:
+    def _on_history_change(self, replaced: bool) -> None:
         # Closed segments never change again: fold them into the running total once.
         hist = self._history
-        if self._closed_count > len(hist) - 1:  # history was replaced (load_state_dict)
+        if replaced:
             self._closed_total = np.zeros(len(self._orders))
             self._closed_count = 0
         while self._closed_count < len(hist) - 1:

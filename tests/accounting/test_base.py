@@ -221,6 +221,25 @@ def test_tampered_state_rejected_and_harmless(state, match):
     assert acc.state_dict() == before
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_load_over_a_different_history(name):
+    """Loading must discard everything cached for the old history, longer or shorter."""
+    long_hist = [(1.0, 0.01, 10), (2.0, 0.02, 20), (1.5, 0.03, 30), (0.9, 0.01, 40)]
+    short_hist = [(3.0, 0.1, 5), (1.2, 0.05, 7)]
+    for before, after in [(short_hist, long_hist), (long_hist, short_hist)]:
+        acc, ref = create_accountant(name), create_accountant(name)
+        for seg in before:
+            acc.step(*seg)
+        acc.epsilon(1e-5)  # fill the caches
+        for seg in after:
+            ref.step(*seg)
+        acc.load_state_dict(ref.state_dict())
+        assert acc.epsilon(1e-5) == ref.epsilon(1e-5)
+        acc.step(1.0, 0.01, 3)
+        ref.step(1.0, 0.01, 3)
+        assert acc.epsilon(1e-5) == ref.epsilon(1e-5)
+
+
 def test_rdp_tampered_orders():
     acc = RDPAccountant()
     state = acc.state_dict()
