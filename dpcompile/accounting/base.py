@@ -68,7 +68,7 @@ class Accountant(abc.ABC):
             return
         self._append(sigma, q, n)
         self._version += 1
-        self._on_history_change()
+        self._on_history_change(replaced=False)
 
     def _append(self, sigma: float, q: float, n: int) -> None:
         if self._history and self._history[-1][0] == sigma and self._history[-1][1] == q:
@@ -77,8 +77,8 @@ class Accountant(abc.ABC):
         else:
             self._history.append((sigma, q, n))
 
-    def _on_history_change(self) -> None:  # noqa: B027 (an optional hook, not abstract)
-        """Hook for subclasses that cache per history."""
+    def _on_history_change(self, replaced: bool) -> None:  # noqa: B027 (optional hook)
+        """Hook for subclasses that cache per history (``replaced``: by load_state_dict)."""
 
     # ------------------------------------------------------------------ epsilon
     def epsilon(self, delta: float) -> float:
@@ -151,7 +151,7 @@ class Accountant(abc.ABC):
         for s, q, n in history:
             self._append(s, q, n)
         self._version += 1
-        self._on_history_change()
+        self._on_history_change(replaced=True)
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self._get_settings().items())

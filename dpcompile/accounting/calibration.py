@@ -9,6 +9,7 @@ never overshoots, even where the accountant's ε is not exactly monotone in σ (
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 from dpcompile.accounting._validation import (
@@ -19,6 +20,7 @@ from dpcompile.accounting._validation import (
 )
 from dpcompile.accounting.base import Accountant, create_accountant
 from dpcompile.accounting.gdp import gaussian_mu
+from dpcompile.accounting.rdp import RDPOrderWarning
 
 SIGMA_MIN = 1e-2
 SIGMA_MAX = 1e4
@@ -70,7 +72,12 @@ def get_noise_multiplier(
     epsilon_tolerance: float = 0.01,
     **accountant_kwargs: Any,
 ) -> float:
-    """Smallest σ found such that ``target_epsilon - epsilon_tolerance ≤ ε(σ) ≤ target_epsilon``.
+    """σ such that ``target_epsilon - epsilon_tolerance ≤ ε(σ) ≤ target_epsilon``.
+
+    ε(σ) ≤ target always holds for the returned σ. The lower side holds unless ε is flat in σ
+    (then the search stops once σ is known to 1e-4, relative, or to 2% next to a σ the
+    accountant cannot certify at all) or the target needs less noise than σ = 1e-2 (then 1e-2
+    is returned).
 
     Args:
         target_epsilon, target_delta: the privacy target (ε > 0, 0 < δ < 1).
@@ -98,7 +105,10 @@ def get_noise_multiplier(
             acc = _make_accountant(accountant, accountant_kwargs)
             acc.step(sigma, q, n)
             try:
-                value = float(acc.epsilon(delta))
+                with warnings.catch_warnings():
+                    # about the order grid at intermediate σ: not the user's concern
+                    warnings.simplefilter("ignore", RDPOrderWarning)
+                    value = float(acc.epsilon(delta))
             except ValueError:
                 value = math.inf  # the accountant cannot certify at this σ: treat as too large
             evaluated[sigma] = value
@@ -144,31 +154,40 @@ def get_noise_multiplier(
             else:
                 lo = cand
 
-    # Safeguarded regula falsi (Illinois) on g(u) = ε(e^u) - target, u = log σ.
+    # Safeguarded regula falsi (Illinois) on log ε against log σ (nearly linear: ε is roughly a
+    # power of σ). Stops when ε is within the tolerance below the target, or when σ is pinned
+    # down to 1e-4 (relative): the latter only matters where ε(σ) is flat (e.g. a tiny sample
+    # rate: ε ≈ 0 for every σ).
     assert lo is not None and hi is not None
+    log_t = math.log(eps_t)
+
+    def resid(eps: float) -> float:
+        return math.log(eps) - log_t if eps > 0 else -50.0
+
     u_lo, u_hi = math.log(lo), math.log(hi)
-    g_lo, g_hi = eps_of(lo) - eps_t, eps_of(hi) - eps_t
+    e_hi = eps_of(hi)
+    w_lo, w_hi = resid(eps_of(lo)), resid(e_hi)  # Illinois-weighted residuals
     side = 0
-    for _ in range(200):
-        if g_hi >= -tol or (u_hi - u_lo) < 1e-13:
+    for _ in range(100):
+        # Where the accountant could not certify σ_lo at all, 2% is close enough.
+        if e_hi >= eps_t - tol or (u_hi - u_lo) < (1e-4 if math.isfinite(w_lo) else 0.02):
             break
-        if math.isfinite(g_lo):
-            u = u_hi - g_hi * (u_hi - u_lo) / (g_hi - g_lo)
-            width = u_hi - u_lo
-            if not (u_lo + 0.05 * width < u < u_hi - 0.05 * width):
-                u = 0.5 * (u_lo + u_hi)
-        else:
-            u = 0.5 * (u_lo + u_hi)
-        g = eps_of(math.exp(u)) - eps_t
-        if g > 0:
-            u_lo, g_lo = u, g
+        width = u_hi - u_lo
+        u = 0.5 * (u_lo + u_hi)
+        if math.isfinite(w_lo) and w_lo != w_hi:
+            secant = u_hi - w_hi * width / (w_hi - w_lo)
+            if u_lo + 0.02 * width < secant < u_hi - 0.02 * width:
+                u = secant
+        eps = eps_of(math.exp(u))
+        if eps > eps_t:
+            u_lo, w_lo = u, resid(eps)
             if side == -1:
-                g_hi /= 2.0
+                w_hi /= 2.0
             side = -1
         else:
-            u_hi, g_hi = u, g
+            u_hi, e_hi, w_hi = u, eps, resid(eps)
             if side == 1:
-                g_lo /= 2.0
+                w_lo /= 2.0
             side = 1
     result = math.exp(u_hi)
     if not eps_of(result) <= eps_t:  # by construction; never return an overshooting σ

@@ -56,7 +56,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--steps", type=int, help="number of steps")
     g.add_argument("--epochs", type=float, help="epochs; steps = ceil(epochs / sample rate)")
-    p.add_argument("--delta", type=float, required=True)
+    p.add_argument("--delta", type=float, required=True, help="delta, e.g. 1e-5")
     p.add_argument("--accountant", choices=ACCOUNTANTS, default=None,
                    help="one accountant (default: all three side by side)")
     p.add_argument("--eps-error", type=float, default=0.01,
@@ -123,7 +123,7 @@ def run_epsilon(args: argparse.Namespace) -> int:
             note = f"optimal order {order:g}" if not math.isnan(order) else ""
             if any(issubclass(w.category, RDPOrderWarning) for w in caught):
                 note += " (at the edge of the order grid)"
-        return f"{eps:.4f}", note
+        return _up(eps), note
 
     rows = _guarded(names, one)
     print(f"epsilon for noise multiplier {sigma:g}, {_header(args, steps)}")
@@ -145,18 +145,36 @@ def run_noise(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore", AccountingWarning)
             sigma = get_noise_multiplier(target, delta, q, steps=steps, accountant=name,
                                          epsilon_tolerance=tol, **kwargs)
+            # Print σ rounded UP, and the ε of the printed value: what the user copies is safe.
+            shown = math.ceil(sigma * 1e4) / 1e4
             acc = create_accountant(name, **kwargs)
-            acc.step(sigma, q, steps)
+            acc.step(shown, q, steps)
             eps = acc.epsilon(delta)
-        note = f"epsilon {eps:.4f}"
+            if eps > target:  # PRV is not exactly monotone in σ at the 1e-9 level
+                shown, eps = sigma, _eps_at(name, kwargs, sigma, q, steps, delta)
+        note = f"epsilon {_up(eps)}"
         if name in _NOTES:
             note += "; " + _NOTES[name].format(eps_error=args.eps_error)
-        return f"{sigma:.4f}", note
+        return (f"{shown:.4f}" if shown != sigma else repr(sigma)), note
 
     rows = _guarded(names, one)
     print(f"noise multiplier for epsilon {target:g}, {_header(args, steps)}")
     print(_table(["accountant", "noise multiplier", "notes"], rows))
     return 0
+
+
+def _eps_at(name: str, kwargs: dict[str, Any], sigma: float, q: float, steps: int,
+            delta: float) -> float:
+    acc = create_accountant(name, **kwargs)
+    acc.step(sigma, q, steps)
+    return acc.epsilon(delta)
+
+
+def _up(eps: float) -> str:
+    """ε rounded UP to 4 decimals: a printed bound is never below the computed one."""
+    if math.isinf(eps):
+        return "inf"
+    return f"{math.ceil(eps * 1e4) / 1e4:.4f}"
 
 
 def _steps(args: argparse.Namespace, q: float) -> int:

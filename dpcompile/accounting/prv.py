@@ -14,13 +14,18 @@ with the FFT and read ε off the composed distribution. The result is a certifie
   mean zero and lie in an interval of length h, so by Hoeffding
   P[ΣY > ΣỸ + e] ≤ P[some Y_i > t_hi] + exp(-2e²/(k h²)). Since (1 - e^(ε-y))₊ is increasing
   in y and at most 1, δ_Y(ε + e) ≤ δ_Ỹ(ε) + η: the true ε at δ is at most ε_Ỹ(δ - η) + e.
-* The circular convolution is exact up to aliasing: mass of ΣỸ above the window is bounded by
-  a Chernoff bound built from the RDP of the history, mass below it only adds (conservative).
-* The composition is done on an exponentially tilted copy (weights e^{λt}, λ from the RDP
-  saddle point), so that the FFT round-off is relative to the mass near the answer rather than
-  to the bulk: this is what makes small δ (1e-10 and below) work. The remaining round-off is
-  estimated from the output and must fit in the δ budget, otherwise a ValueError is raised
-  instead of a wrong ε.
+* The circular convolution is exact up to aliasing. Exact Chernoff bounds from the log-MGF of
+  the discretised sum place the window so that at most δe/8 of its mass lies above it (that
+  mass is the only one that can be lost); mass below the window only adds (conservative).
+* The composition is done on an exponentially tilted copy (weights e^{λt}, λ the Chernoff
+  saddle point for δ), so that the FFT round-off is relative to the mass near the answer rather
+  than to the bulk: this is what makes small δ (1e-10 and far below) work. The remaining
+  round-off is estimated from the output and must fit in the δ budget, otherwise another
+  window/tilt is tried and, failing all, a ValueError is raised instead of a wrong ε.
+
+Budget of ``delta_error`` δe: clamping each step's loss at its δe/(4k) upper quantile (δe/4),
+Hoeffding (δe/8), mass above the window (δe/8), round-off (≤ 5δe/16); for the lower bound the
+lower clamps (δe/16) and the mass wrapped around in either direction (δe/8, δe/16) instead.
 
 With e = ``eps_error`` and η ≤ ``delta_error`` the reported upper bound is
 ``max(0, ε_Ỹ(δ - delta_error) + eps_error)``; :meth:`PRVAccountant.epsilon_bounds` also gives
@@ -32,7 +37,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,18 +49,10 @@ from scipy.special import log_ndtr, logsumexp, ndtr, ndtri
 
 from dpcompile.accounting._validation import check_delta, check_positive, check_steps
 from dpcompile.accounting.base import Accountant, register_accountant
-from dpcompile.accounting.rdp import DEFAULT_ORDERS, compute_rdp
 
 _EPS = float(np.finfo(float).eps)
 _TAIL_SIGMAS = 13.0
 _TILTED_TAIL = 1e-20  # tilted mass allowed outside the composition window
-_CHERNOFF_ORDERS = np.unique(np.concatenate([
-    np.asarray(DEFAULT_ORDERS),
-    np.array([1.01, 1.02, 1.03, 1.05, 1.07]),
-    np.array([72.0, 80.0, 96.0, 112.0, 160.0, 192.0, 320.0, 384.0, 768.0]),
-]))
-
-
 class _SingleStep:
     """The privacy loss Y of one Poisson-subsampled Gaussian step (remove direction)."""
 
@@ -208,6 +205,13 @@ class _Discrete:
     pmf: np.ndarray
     shift: float
     steps: int
+    logp: np.ndarray = field(init=False, repr=False)
+    lattice: np.ndarray = field(init=False, repr=False)  # the indices i, as floats
+
+    def __post_init__(self) -> None:
+        with np.errstate(divide="ignore"):
+            self.logp = np.log(self.pmf)
+        self.lattice = self.i_lo + np.arange(len(self.pmf), dtype=float)
 
 
 def _discretise(step: _SingleStep, h: float, t_lo: float, t_hi: float, steps: int) -> _Discrete:
@@ -221,8 +225,6 @@ def _discretise(step: _SingleStep, h: float, t_lo: float, t_hi: float, steps: in
     x = step.x_of_loss(edges)
     cdf = step.cdf_x(x)
     sf = step.sf_x(x)
-    n = len(idx)
-    pmf = np.empty(n)
     # Bin m covers [edge_{m-1}, edge_m); the end bins absorb the clamped tails.
     lower_f = np.concatenate([[0.0], cdf])
     upper_f = np.concatenate([cdf, [1.0]])
@@ -251,32 +253,15 @@ class _Result:
     upper: float
 
 
-def _chernoff_quantile(orders: np.ndarray, rdp_total: np.ndarray, p: float) -> tuple[float, float]:
-    """x with P[ΣY > x] ≤ p from the RDP, and the optimal λ = α - 1."""
-    vals = rdp_total + math.log(1.0 / p) / (orders - 1.0)
-    i = int(np.argmin(vals))
-    return float(vals[i]), float(orders[i] - 1.0)
+_LAMBDAS = np.geomspace(1e-3, 1e3, 31)  # tilts for the Chernoff bounds of the lattice sum
 
 
-def _tilted_range(orders: np.ndarray, rdp_total: np.ndarray, lam: float,
-                  tail: float) -> tuple[float, float]:
-    """Chernoff range [x_lo, x_hi] holding all but ``tail`` of the λ-tilted composed loss.
-
-    With K(λ) = λ·R(λ+1) the log-MGF of ΣY, the tilted law has log-MGF K(λ+u) - K(λ), so
-    P̃[ΣY > x] ≤ exp(K(λ') - K(λ) - (λ'-λ)x) for λ' > λ and P̃[ΣY < x] ≤
-    exp(K(λ'') - K(λ) + (λ-λ'')x) for 0 ≤ λ'' < λ.
-    """
-    lams = orders - 1.0
-    kk = lams * rdp_total
-    k0 = float(np.interp(lam, lams, kk))
-    log_t = math.log(1.0 / tail)
-    up = lams > lam
-    x_hi = float(np.min((kk[up] - k0 + log_t) / (lams[up] - lam))) if np.any(up) else -math.inf
-    down = lams < lam
-    cand = [(k0 - log_t) / lam]  # λ'' = 0
-    if np.any(down):
-        cand.extend(((k0 - kk[down] - log_t) / (lam - lams[down])).tolist())
-    return x_hi, float(max(cand))
+def _log_mgf(discs: list[_Discrete], h: float, lam: float) -> float:
+    """K(λ) = log E[exp(λ·h·ΣI)] of the composed lattice sum (exact, in log space)."""
+    total = 0.0
+    for d in discs:
+        total += d.steps * float(logsumexp(d.logp + (lam * h) * d.lattice))
+    return total
 
 
 def prv_epsilon(segments: list[tuple[float, float, int]], delta: float, eps_error: float,
@@ -291,48 +276,64 @@ def prv_epsilon(segments: list[tuple[float, float, int]], delta: float, eps_erro
     h = e * math.sqrt(2.0 / (k * math.log(8.0 / de)))
     steps = {key: _SingleStep(*key) for key in grouped}
 
-    # RDP of the whole history: Chernoff bounds for the window and the tilt.
-    orders = _CHERNOFF_ORDERS
-    rdp_total = np.zeros(len(orders))
-    for (s, q), n in grouped.items():
-        rdp_total += n * compute_rdp(s, q, orders)
-    # Untilted upper tail (validity): P[ΣY > x_b] ≤ δe/8; lower tail by Markov (λ = 1).
-    x_b, _ = _chernoff_quantile(orders, rdp_total, de / 8.0)
-    bottom_markov = -math.log(8.0 / de) - e - 2.0 * h
-    slack = e + 2.0 * h  # the mean-matched lattice sum differs from ΣW by < e w.h.p.
+    # Supports: clamp each step's loss at its δe/(4k) upper and δe/(16k) lower quantiles.
+    supports = {key: (st.lower_quantile(de / (16.0 * k)), st.upper_quantile(de / (4.0 * k)))
+                for key, st in steps.items()}
+    widest = max(hi - lo for lo, hi in supports.values()) / h
+    if widest > max_grid_points / 4:  # a single step this wide: ε is huge, the grid would be too
+        raise _too_big(delta, e, 4 * widest, max_grid_points)
+    discs = [_discretise(steps[key], h, *supports[key], n) for key, n in grouped.items()]
+    shift = sum(d.shift * d.steps for d in discs)  # ΣỸ = h·ΣI + shift
 
-    # Tilts to try, best first: the Chernoff saddle point for δ (centres the tilted composition
-    # on the answer: round-off relative to δ, needed for small δ) and smaller ones, down to no
-    # tilt. A tilt is skipped when its window would be much wider than the untilted one.
-    _, lam_saddle = _chernoff_quantile(orders, rdp_total, delta)
-    windows: list[tuple[float, float, float]] = []
-    for lam in (lam_saddle, lam_saddle / 4.0, lam_saddle / 16.0):
-        x_hi, x_lo = _tilted_range(orders, rdp_total, lam, _TILTED_TAIL)
-        top = max(x_b, x_hi) + slack
+    # Exact Chernoff bounds of the discrete sum from its log-MGF K on a grid of tilts.
+    k_pos = np.array([_log_mgf(discs, h, lam) for lam in _LAMBDAS])
+    k_neg = np.array([_log_mgf(discs, h, -lam) for lam in _LAMBDAS])
+    log_a = math.log(8.0 / de)
+    top_plain = shift + float(np.min((k_pos + log_a) / _LAMBDAS))  # P[ΣỸ ≥ top] ≤ δe/8
+    bottom_plain = shift - float(np.min((k_neg + log_a) / _LAMBDAS))  # P[ΣỸ ≤ bottom] ≤ δe/8
+    bottom_markov = -math.log(8.0 / de) - e - 2.0 * h  # ΣY ≥ this w.p. 1 - δe/8 (E[e^-Y] = 1)
+
+    # Windows to try, best first. Tilted ones centre the composition on the answer (round-off
+    # relative to δ: what makes small δ work); the untilted one is the classic PRV window.
+    log_d = math.log(1.0 / delta)
+    i_s = int(np.argmin((k_pos + log_d) / _LAMBDAS))
+    lam_s, best = float(_LAMBDAS[i_s]), float((k_pos[i_s] + log_d) / _LAMBDAS[i_s])
+    for r in (0.8, 0.89, 1.12, 1.26):  # refine between the grid points (ratio 1.58)
+        cand = float(_LAMBDAS[i_s]) * r
+        val = (_log_mgf(discs, h, cand) + log_d) / cand
+        if val < best:
+            lam_s, best = cand, val
+    log_t = math.log(1.0 / _TILTED_TAIL)
+    # (λ, bottom, top, the log-MGF table (tilts, K) for λ > 0)
+    windows: list[tuple[float, float, float, tuple[np.ndarray, np.ndarray] | None]] = []
+    for lam in (lam_s, lam_s / 4.0, lam_s / 16.0):
+        # The tilted law's tails need K close to λ: the global grid is too coarse there.
+        near = lam * np.array([0.25, 0.5, 0.65, 0.8, 0.9, 0.95, 1.05, 1.1, 1.2, 1.35, 1.5, 2.0])
+        lams = np.concatenate([-_LAMBDAS, [0.0], _LAMBDAS, near])
+        ks = np.concatenate([k_neg, [0.0], k_pos, [_log_mgf(discs, h, x) for x in near]])
+        k0 = _log_mgf(discs, h, lam)
+        up, down = lams > lam, lams < lam
+        x_hi = shift + float(np.min((ks[up] - k0 + log_t) / (lams[up] - lam)))
+        x_lo = shift + float(np.max((k0 - ks[down] - log_t) / (lam - lams[down])))
+        top = max(top_plain, x_hi)
         # Mass below the window wraps to its top damped by exp(-λ·width): keep that below δe.
-        bottom = max(bottom_markov, min(x_lo - slack, top - (math.log(16.0 / de) + 5.0) / lam))
-        windows.append((lam, bottom, top))
-        if bottom > bottom_markov:  # the same tilt with the widest bottom, if the answer is lower
-            windows.append((lam, bottom_markov, top))
-    windows.append((0.0, bottom_markov, x_b + slack))  # no tilt: the classic PRV window
-
-    # Discretise every distinct (σ, q).
-    discs = []
-    for key, n in grouped.items():
-        st = steps[key]
-        t_hi = st.upper_quantile(de / (4.0 * k))
-        t_lo = st.lower_quantile(de / (16.0 * k))
-        discs.append(_discretise(st, h, t_lo, t_hi, n))
-    total_shift = sum(d.shift * d.steps for d in discs)
+        bottom = max(min(bottom_plain, bottom_markov), min(x_lo, top - (log_a + 10.0) / lam))
+        windows.append((lam, bottom, top, (lams, ks)))
+    windows.append((0.0, bottom_plain, top_plain, None))
+    if bottom_markov < bottom_plain:
+        windows.append((0.0, bottom_markov, top_plain, None))
+    need = min((w[2] - w[1]) / h for w in windows) + 4
+    windows = [w for w in windows if (w[2] - w[1]) / h + 4 <= max_grid_points]
+    if not windows:
+        raise _too_big(delta, e, need, max_grid_points)
 
     targets = [delta - de, delta, delta + de]
     errors: list[str] = []
-    for lam, bottom, top in windows:
+    for lam, bottom, top, mgf in windows:
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 # Far below the answer the tilt weights overflow; those bins are never used.
-                raw = _compose_and_invert(discs, h, lam, bottom, top, total_shift, targets, de,
-                                          max_grid_points)
+                raw, period = _compose_and_invert(discs, h, lam, bottom, top, shift, targets, de)
         except _WindowTooHigh as err:
             if bottom <= bottom_markov:
                 # δ - delta_error is only reached below -log(8/delta_error): ε_Ỹ < -e, ε = 0.
@@ -342,12 +343,31 @@ def prv_epsilon(segments: list[tuple[float, float, int]], delta: float, eps_erro
         except _Retry as err:
             errors.append(str(err))
             continue
-        return _Result(lower=max(0.0, raw.lower - e), estimate=max(0.0, raw.estimate),
-                       upper=max(0.0, raw.upper + e))
+        lower = max(0.0, raw.lower - e)
+        if mgf is not None and lower > 0.0:
+            # With a tilt, mass above the window wraps around AMPLIFIED by e^{λ·period}. Only
+            # the part landing above the lower crossing t_c matters (it only adds, so the upper
+            # bound is safe); bound it by Chernoff: ≤ 2 exp(K(λ') - λ'(t_c - shift)
+            # - (λ' - λ)·period) for λ' > λ. The lower bound needs that below δe/16.
+            lams, ks = mgf
+            up = lams > lam
+            alias = float(np.min(ks[up] - lams[up] * (raw.lower - shift)
+                                 - (lams[up] - lam) * period)) + math.log(2.0)
+            if alias > math.log(de / 16.0):
+                lower = 0.0  # not certified: only the trivial lower bound
+        return _Result(lower=lower, estimate=max(0.0, raw.estimate), upper=max(0.0, raw.upper + e))
     raise ValueError(
         f"PRV accounting cannot certify epsilon for delta={delta:g} with eps_error={e:g}, "
         f"delta_error={de:g} ({errors[-1]}). Use a larger eps_error or delta_error, a larger "
         "max_grid_points, or the 'rdp' accountant"
+    )
+
+
+def _too_big(delta: float, e: float, need: float, max_grid_points: int) -> ValueError:
+    return ValueError(
+        f"PRV accounting cannot certify epsilon for delta={delta:g} with eps_error={e:g}: it "
+        f"would need about {need:,.0f} grid points (max_grid_points={max_grid_points:,}). Use a "
+        "larger eps_error, a larger max_grid_points, or the 'rdp' accountant"
     )
 
 
@@ -360,13 +380,11 @@ class _WindowTooHigh(_Retry):
 
 
 def _compose_and_invert(discs: list[_Discrete], h: float, lam: float, bottom: float, top: float,
-                        total_shift: float, targets: list[float], de: float,
-                        max_grid_points: int) -> _Result:
+                        total_shift: float, targets: list[float],
+                        de: float) -> tuple[_Result, float]:
     i_bottom = int(math.floor((bottom - total_shift) / h))
     i_top = int(math.ceil((top - total_shift) / h))
     needed = i_top - i_bottom + 1
-    if needed > max_grid_points:
-        raise _Retry(f"the grid would need {needed:,} points > max_grid_points")
     n = sp_fft.next_fast_len(max(needed, 16), real=True)
     if n % 2:
         n += 1
@@ -375,11 +393,10 @@ def _compose_and_invert(discs: list[_Discrete], h: float, lam: float, bottom: fl
     log_m_total = 0.0
     spectrum = None
     for d in discs:
-        idx = d.i_lo + np.arange(len(d.pmf))
-        with np.errstate(divide="ignore"):
-            logp = np.log(d.pmf) + lam * h * idx
+        logp = d.logp + (lam * h) * d.lattice
         log_m = float(logsumexp(logp))
         tilted = np.exp(logp - log_m)
+        idx = d.i_lo + np.arange(len(d.pmf))
         folded = np.bincount(np.mod(idx, n), weights=tilted, minlength=n)
         spec = sp_fft.rfft(folded)
         spec[0] = 1.0  # the exact total mass: keeps the power from drifting
@@ -438,9 +455,11 @@ def _compose_and_invert(discs: list[_Discrete], h: float, lam: float, bottom: fl
         raise _WindowTooHigh(f"crossing for delta={lo_t:g} below the window")
     if lam > 0 and -lam * h * (i_up - j_ref) >= 700.0:  # weights clipped at/below the answer
         raise _Retry("the tilt is too strong for this window")
-    fp_error = float(noise_tail[i_up]) * math.exp(min(log_ref, 700.0))
-    if not fp_error <= 5.0 * de / 16.0:
-        raise _Retry(f"floating-point noise ~{fp_error:.2g} exceeds the delta budget")
+    with np.errstate(divide="ignore"):
+        log_fp = float(np.log(noise_tail[i_up])) + log_ref  # log of the round-off bound on δ
+    if not log_fp <= math.log(5.0 * de / 16.0):
+        raise _Retry(f"floating-point noise ~{math.exp(min(log_fp, 700.0)):.2g} exceeds the "
+                     "delta budget")
     eps_mid, i_mid = crossing(mid_t)
     if i_mid <= margin:
         eps_mid = -math.inf
@@ -449,7 +468,7 @@ def _compose_and_invert(discs: list[_Discrete], h: float, lam: float, bottom: fl
         eps_low, i_low = crossing(hi_t)
         if i_low <= margin:
             eps_low = -math.inf  # below the window: only the trivial lower bound is certain
-    return _Result(lower=eps_low, estimate=eps_mid, upper=eps_up)
+    return _Result(lower=eps_low, estimate=eps_mid, upper=eps_up), n * h
 
 
 @register_accountant("prv")

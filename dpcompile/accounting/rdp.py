@@ -49,6 +49,7 @@ DEFAULT_ORDERS: tuple[float, ...] = tuple(
     + [128.0, 256.0, 512.0, 1024.0]
 )
 
+_DEFAULT_SORTED = np.unique(np.asarray(DEFAULT_ORDERS, dtype=float))
 _MAX_INTEGER_ORDER_SUM = 1 << 16  # integer orders above this use the quadrature instead
 _TAYLOR_V = 0.05  # |v| below which g(v) is evaluated by its Taylor series
 _TAYLOR_TERMS = 18
@@ -262,7 +263,14 @@ class RDPAccountant(Accountant):
         return self._orders.tolist()
 
     def _get_settings(self) -> dict[str, Any]:
+        # None stands for DEFAULT_ORDERS (keeps checkpoints and graph metadata small).
+        if np.array_equal(self._orders, _DEFAULT_SORTED):
+            return {"orders": None}
         return {"orders": [float(a) for a in self._orders]}
+
+    def __repr__(self) -> str:
+        return (f"RDPAccountant({len(self._orders)} orders in [{self._orders[0]:g}, "
+                f"{self._orders[-1]:g}]) with {self.steps} steps")
 
     def _set_settings(self, settings: Mapping[str, Any]) -> None:
         unknown = set(settings) - {"orders"}
@@ -275,10 +283,10 @@ class RDPAccountant(Accountant):
             self._orders = new
             self._reset_caches()
 
-    def _on_history_change(self) -> None:
+    def _on_history_change(self, replaced: bool) -> None:
         # Closed segments never change again: fold them into the running total once.
         hist = self._history
-        if self._closed_count > len(hist) - 1:  # history was replaced (load_state_dict)
+        if replaced:
             self._closed_total = np.zeros(len(self._orders))
             self._closed_count = 0
         while self._closed_count < len(hist) - 1:
