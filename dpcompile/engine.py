@@ -205,7 +205,7 @@ class Engine:
         return list(out[: step.num_leaves]), list(out[step.num_leaves :])
 
     def run_backward(self, step: CompiledStep, saved: list[torch.Tensor], seeds: list[torch.Tensor], count: int) -> list[torch.Tensor | None]:
-        ref = saved[0] if saved else seeds[0]
+        ref = self.trainable()[0][1]  # mask and bound were traced with this dtype and device
         padded = step.padded_batch
         mask = torch.zeros(padded, dtype=ref.dtype, device=ref.device)
         mask[:count] = 1

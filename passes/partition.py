@@ -6,12 +6,18 @@ the backward. :func:`split` cuts the rewritten joint graph at the seeds:
     forward:  (*trainable, *frozen, *buffers, *batch) -> (*outputs, *saved)
     backward: (*saved, *seeds, mask, max_grad_norm)    -> (per_sample_norms, *clipped_grads)
 
-Backward nodes are those that depend on the seeds, the mask or the clipping bound; every
-forward value they read is saved. Forward values the backward does not read are not kept.
+Backward nodes are those that depend on the seeds, the mask or the clipping bound. Which forward
+values to save is decided by PyTorch's min-cut rematerialization partitioner (the one AOTAutograd
+uses): cheap pointwise values are recomputed in the backward instead of saved. Measured on a
+784-512-512-10 MLP at batch 256 (2 CPU cores): saving every forward value the backward reads made
+the compiled forward 2.9 ms and the backward 3.3 ms (Inductor's kernel for the saved ReLU masks,
+a boolean store, alone took 0.5 ms); the min-cut split makes them 1.8 ms and 2.7 ms.
+:func:`split_saving_all` is the plain cut, kept as a fallback.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -28,7 +34,39 @@ class SplitGraphs:
 
 
 def split(private: PrivateGraph) -> SplitGraphs:
-    """Cut the private graph into forward and backward at the seeds (see module docstring)."""
+    """Cut the private graph at the seeds, recomputing cheap forward values in the backward."""
+    try:
+        return split_min_cut(private)
+    except Exception:  # the partitioner is a private torch API: never fail a compile on it
+        return split_saving_all(private)
+
+
+def split_min_cut(private: PrivateGraph) -> SplitGraphs:
+    """The min-cut rematerialization partition of the private graph."""
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    capture = private.capture
+    joint = copy.deepcopy(private.graph_module)
+    num_forward_inputs = capture.num_params + len(capture.buffers) + capture.num_batch
+    placeholders = [n for n in joint.graph.nodes if n.op == "placeholder"]
+    # The partitioner tells forward inputs from backward inputs by these names.
+    for k, node in enumerate(placeholders):
+        name = f"primals_{k + 1}" if k < num_forward_inputs else f"tangents_{k - num_forward_inputs + 1}"
+        node.name = node.target = name
+    joint.recompile()
+    num_leaves = len(capture.output_is_differentiable)
+    forward, backward = min_cut_rematerialization_partition(joint, None, num_fwd_outputs=num_leaves)
+    backward_inputs = [n for n in backward.graph.nodes if n.op == "placeholder"]
+    num_tangents = len(placeholders) - num_forward_inputs
+    if [n.name for n in backward_inputs[len(backward_inputs) - num_tangents :]] != [
+        f"tangents_{k + 1}" for k in range(num_tangents)
+    ]:
+        raise RuntimeError("unexpected backward input order from the partitioner")
+    return SplitGraphs(forward, backward, num_leaves, len(backward_inputs) - num_tangents)
+
+
+def split_saving_all(private: PrivateGraph) -> SplitGraphs:
+    """Cut the private graph at the seeds, saving every forward value the backward reads."""
     gm = private.graph_module
     capture = private.capture
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
