@@ -75,6 +75,10 @@ class Dense(GradForm):
 
 @dataclass
 class Outer(GradForm):
+    """``G_b = Σ_t rows[b,t] ⊗ cols[b,t]`` per group. The factors may be strided views (an
+    unfolded input, a transposed activation): products go through ``bmm`` on views, which BLAS
+    reads in either orientation, so the large factors are never copied into a new layout."""
+
     rows: torch.Tensor  # (B, T, G, R)
     cols: torch.Tensor  # (B, T, G, C)
     shape: tuple[int, ...]  # layout (G, R, C), row-major, viewed as `shape`
@@ -125,16 +129,26 @@ class Outer(GradForm):
             r2 = self.rows.pow(2).sum(-1)
             c2 = self.cols.pow(2).sum(-1)
             return (r2 * c2).reshape(self.batch, -1).sum(1)
-        gram_rows = torch.einsum("btgr,bsgr->bgts", self.rows, self.rows)
-        gram_cols = torch.einsum("btgc,bsgc->bgts", self.cols, self.cols)
+        rows, cols = _groups_first(self.rows), _groups_first(self.cols)
+        gram_rows = torch.bmm(rows, rows.transpose(1, 2))  # (B·G, T, T)
+        gram_cols = torch.bmm(cols, cols.transpose(1, 2))
         return (gram_rows * gram_cols).reshape(self.batch, -1).sum(1)
 
     def materialize(self) -> torch.Tensor:
-        per_sample = torch.einsum("btgr,btgc->bgrc", self.rows, self.cols)
+        rows, cols = _groups_first(self.rows), _groups_first(self.cols)
+        per_sample = torch.bmm(rows.transpose(1, 2), cols)  # (B·G, R, C)
         return per_sample.reshape(self.batch, *self.shape)
 
     def compatible(self, other: Outer) -> bool:
         return self.dims[1:] == other.dims[1:] and math.prod(self.shape) == math.prod(other.shape)
+
+
+def _groups_first(factor: torch.Tensor) -> torch.Tensor:
+    """(B, T, G, X) → (B·G, T, X); a view when the storage is group-major (e.g. conv layouts)."""
+    batch, steps, groups, width = factor.shape
+    if groups == 1:
+        return factor.squeeze(2)
+    return factor.permute(0, 2, 1, 3).reshape(batch * groups, steps, width)
 
 
 @dataclass

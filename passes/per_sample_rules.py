@@ -155,8 +155,17 @@ def unfold_nd(
     padding: tuple[int, ...],
     dilation: tuple[int, ...],
 ) -> torch.Tensor:
-    """(N, C, *S) → (N, L, C·prod(kernel)): the input window of each output position."""
+    """(N, C, *S) → (N, C·prod(kernel), L): the input window of each output position (im2col).
+
+    1-d and 2-d use the native im2col (``F.unfold``); other ranks unfold dimension by dimension.
+    """
     n = len(kernel)
+    if n in (1, 2):
+        if n == 1:  # as a 2-d image of height 1
+            x = x.unsqueeze(2)
+            kernel, stride, padding, dilation = ((1, *v) for v in (kernel, stride, padding, dilation))
+            padding = (0, padding[1])
+        return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
     pad: list[int] = []
     for p in reversed(padding):
         pad += [p, p]
@@ -169,14 +178,15 @@ def unfold_nd(
             x = x[..., :: dilation[k]]
     positions = [2 + k for k in range(n)]
     window = [2 + n + k for k in range(n)]
-    x = x.permute(0, *positions, 1, *window)
-    length = math.prod(x.shape[1 : 1 + n])
-    return x.reshape(x.shape[0], length, -1)
+    x = x.permute(0, 1, *window, *positions)
+    return x.reshape(x.shape[0], x.shape[1] * math.prod(kernel), -1)
 
 
-def _positions(t: torch.Tensor) -> torch.Tensor:
-    """(N, C, *S) → (N, prod(S), C)."""
-    return t.flatten(2).transpose(1, 2)
+def _by_position(t: torch.Tensor, groups: int, split: SampleDim, batch: int) -> torch.Tensor:
+    """(N, G·X, L) → (B, T, G, X) as a view of ``t`` when samples are not merged with positions."""
+    n, channels, length = t.shape
+    per_position = t.reshape(n, groups, channels // groups, length).permute(0, 3, 1, 2)
+    return rows_per_sample(per_position, split, batch, trailing=2)
 
 
 @register_per_sample_rule(aten.convolution_backward.default)
@@ -196,16 +206,14 @@ def convolution_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> Grad
     stride, padding, dilation = (tuple(v) * (n if len(v) == 1 else 1) for v in (stride, padding, dilation))
     g = int(groups)
     if not transposed:
-        windows = unfold_nd(x, kernel, stride, padding, dilation)  # (N, L, C_in·K)
-        pos = _positions(grad)  # (N, L, C_out)
+        windows = unfold_nd(x, kernel, stride, padding, dilation)  # (N, C_in·K, L)
+        positions = grad.flatten(2)  # (N, C_out, L)
     else:
-        windows = unfold_nd(grad, kernel, stride, padding, dilation)  # (N, L_in, C_out·K)
-        pos = _positions(x)  # (N, L_in, C_in)
-    rows = pos.reshape(pos.shape[0], pos.shape[1], g, -1)
-    cols = windows.reshape(windows.shape[0], windows.shape[1], g, -1)
+        windows = unfold_nd(grad, kernel, stride, padding, dilation)  # (N, C_out·K, L_in)
+        positions = x.flatten(2)  # (N, C_in, L_in)
     split = SampleDim(0, sd.outer, sd.inner)
-    rows = rows_per_sample(rows, split, ctx.batch, trailing=2)
-    cols = rows_per_sample(cols, split, ctx.batch, trailing=2)
+    rows = _by_position(positions, g, split, ctx.batch)
+    cols = _by_position(windows, g, split, ctx.batch)
     return Outer(rows, cols, tuple(int(s) for s in weight.shape))
 
 

@@ -35,82 +35,97 @@ GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 def _scan_forward(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
                   b_hh: torch.Tensor, mode: str) -> tuple[torch.Tensor, ...]:
-    batch, steps, _ = gates_x.shape
+    """The recurrence, time-major inside (contiguous per-step slices, in-place activations)."""
+    steps = gates_x.shape[1]
     hidden = h0.shape[-1]
-    out = gates_x.new_empty(batch, steps, hidden)
-    gates = torch.empty_like(gates_x)  # activated gates, saved for backward
-    cells = gates_x.new_empty(batch, steps, hidden)  # LSTM: c_t; GRU: W_hn h + b_hn
-    h, c = h0, c0
     w_t = w_hh.t()
+    if mode == "gru":
+        gx = gates_x.transpose(0, 1).contiguous()  # (T, B, 3H); b_hh sits inside r·(W_hn h + b_hn)
+    else:
+        gx = (gates_x + b_hh).transpose(0, 1).contiguous()  # (T, B, G·H)
+    gates = torch.empty_like(gx)  # activated gates, saved for backward
+    out = gx.new_empty(steps, gx.shape[1], hidden)
+    cells = torch.empty_like(out)  # LSTM: c_t; GRU: W_hn h + b_hn
+    h, c = h0, c0
     for t in range(steps):
-        gh = torch.addmm(b_hh, h, w_t)
-        gx = gates_x[:, t]
+        act = gates[t]
         if mode == "lstm":
-            act = gx + gh
+            torch.addmm(gx[t], h, w_t, out=act)
+            act[:, : 2 * hidden].sigmoid_()
+            act[:, 2 * hidden : 3 * hidden].tanh_()
+            act[:, 3 * hidden :].sigmoid_()
             i, f, g, o = act.chunk(4, 1)
-            i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-            c = f * c + i * g
-            h = o * c.tanh()
-            gates[:, t] = torch.cat([i, f, g, o], 1)
-            cells[:, t] = c
+            c = torch.mul(f, c, out=cells[t]).addcmul_(i, g)
+            h = torch.mul(o, c.tanh(), out=out[t])
         elif mode == "gru":
-            xr, xz, xn = gx.chunk(3, 1)
-            hr, hz, hn = gh.chunk(3, 1)
-            r = (xr + hr).sigmoid()
-            z = (xz + hz).sigmoid()
-            n = (xn + r * hn).tanh()
-            h = (1 - z) * n + z * h
-            gates[:, t] = torch.cat([r, z, n], 1)
-            cells[:, t] = hn
+            gh = torch.addmm(b_hh, h, w_t)
+            torch.add(gx[t][:, : 2 * hidden], gh[:, : 2 * hidden], out=act[:, : 2 * hidden]).sigmoid_()
+            cells[t] = gh[:, 2 * hidden :]
+            r, z, n = act.chunk(3, 1)
+            torch.addcmul(gx[t][:, 2 * hidden :], r, cells[t], out=n).tanh_()
+            h = torch.addcmul(n, z, h - n, out=out[t])
         else:
-            pre = gx + gh
-            h = pre.tanh() if mode == "rnn_tanh" else pre.relu()
-            gates[:, t] = h
-        out[:, t] = h
-    if mode != "lstm":
-        c = torch.zeros_like(h0)
-    return out, h.clone(), c.clone(), gates, cells
+            torch.addmm(gx[t], h, w_t, out=act)
+            act.tanh_() if mode == "rnn_tanh" else act.relu_()
+            out[t] = act
+            h = out[t]
+    c_last = c.clone() if mode == "lstm" else torch.zeros_like(h0)
+    batch_major = lambda t: t.transpose(0, 1).contiguous()  # noqa: E731
+    return batch_major(out), h.clone(), c_last, batch_major(gates), batch_major(cells)
 
 
 def _scan_backward(d_out: torch.Tensor, d_h: torch.Tensor, d_c: torch.Tensor, gates: torch.Tensor,
                    cells: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, out: torch.Tensor,
                    w_hh: torch.Tensor, mode: str) -> tuple[torch.Tensor, ...]:
-    batch, steps, hidden = out.shape
+    """Backpropagation through time, time-major inside."""
+    steps = out.shape[1]
+    time_major = lambda t: t.transpose(0, 1).contiguous()  # noqa: E731
+    d_out, gates, cells, out = time_major(d_out), time_major(gates), time_major(cells), time_major(out)
     d_gates_x = torch.empty_like(gates)
     d_gates_h = torch.empty_like(gates) if mode == "gru" else d_gates_x
     dh = d_h.clone()
     dc = d_c.clone()
     for t in range(steps - 1, -1, -1):
-        dh = dh + d_out[:, t]
-        h_prev = out[:, t - 1] if t > 0 else h0
+        dh = dh + d_out[t]
+        dx = d_gates_x[t]
         if mode == "lstm":
-            i, f, g, o = gates[:, t].chunk(4, 1)
-            c = cells[:, t]
-            c_prev = cells[:, t - 1] if t > 0 else c0
-            tanh_c = c.tanh()
-            dc = dc + dh * o * (1 - tanh_c * tanh_c)
-            d_gates_x[:, t] = torch.cat(
-                [dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
-                 dh * tanh_c * o * (1 - o)],
-                1,
-            )
+            i, f, g, o = gates[t].chunk(4, 1)
+            c_prev = cells[t - 1] if t > 0 else c0
+            tanh_c = cells[t].tanh()
+            di, df, dg, do = dx.chunk(4, 1)
+            torch.mul(dh, tanh_c, out=do)
+            dc = dc + (dh * o).mul_(1 - tanh_c * tanh_c)
+            torch.mul(dc, g, out=di)
+            torch.mul(dc, c_prev, out=df)
+            torch.mul(dc, i, out=dg)
+            dx[:, : 2 * dh.shape[1]].mul_(gates[t][:, : 2 * dh.shape[1]] * (1 - gates[t][:, : 2 * dh.shape[1]]))
+            dg.mul_(1 - g * g)
+            do.mul_(o * (1 - o))
             dc = dc * f
-            dh = d_gates_x[:, t] @ w_hh
+            dh = dx @ w_hh
         elif mode == "gru":
-            r, z, n = gates[:, t].chunk(3, 1)
-            hn = cells[:, t]
-            dn = dh * (1 - z) * (1 - n * n)
-            dz = dh * (h_prev - n) * z * (1 - z)
-            dr = dn * hn * r * (1 - r)
-            d_gates_x[:, t] = torch.cat([dr, dz, dn], 1)
-            d_gates_h[:, t] = torch.cat([dr, dz, dn * r], 1)
-            dh = dh * z + d_gates_h[:, t] @ w_hh
+            r, z, n = gates[t].chunk(3, 1)
+            h_prev = out[t - 1] if t > 0 else h0
+            hn = cells[t]
+            dr, dz, dn = dx.chunk(3, 1)
+            torch.mul(dh * (1 - z), 1 - n * n, out=dn)
+            torch.mul(dh * (h_prev - n), z * (1 - z), out=dz)
+            torch.mul(dn * hn, r * (1 - r), out=dr)
+            dgh = d_gates_h[t]
+            dgh[:, : 2 * dn.shape[1]] = dx[:, : 2 * dn.shape[1]]
+            torch.mul(dn, r, out=dgh[:, 2 * dn.shape[1] :])
+            dh = torch.addmm(dh * z, dgh, w_hh)
         else:
-            h = gates[:, t]
-            pre = dh * (1 - h * h) if mode == "rnn_tanh" else dh * (h > 0).to(dh.dtype)
-            d_gates_x[:, t] = pre
-            dh = pre @ w_hh
-    if mode != "gru":
+            h = gates[t]
+            if mode == "rnn_tanh":
+                torch.mul(dh, 1 - h * h, out=dx)
+            else:
+                torch.mul(dh, (h > 0).to(dh.dtype), out=dx)
+            dh = dx @ w_hh
+    batch_major = lambda t: t.transpose(0, 1).contiguous()  # noqa: E731
+    d_gates_h = batch_major(d_gates_h) if mode == "gru" else None
+    d_gates_x = batch_major(d_gates_x)
+    if d_gates_h is None:
         d_gates_h = d_gates_x.clone()
     return d_gates_x, d_gates_h, dh, dc
 

@@ -11,6 +11,8 @@ def split_samples(t: torch.Tensor, sd: SampleDim, batch: int) -> torch.Tensor:
     """Move samples to a new leading dimension: (…, o·B·i, …) → (B, …, o·i, …)."""
     d = sd.dim
     shape = tuple(t.shape)
+    if d == 0 and sd.outer == 1 and sd.inner == 1:
+        return t.unsqueeze(1)  # already sample-major: a view, whatever the strides
     moved = t.unflatten(d, (sd.outer, batch, sd.inner)).movedim(d + 1, 0)
     return moved.reshape(batch, *shape[:d], sd.outer * sd.inner, *shape[d + 1 :])
 

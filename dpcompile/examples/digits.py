@@ -111,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
                     lambda e: f"  ε = {privacy.epsilon(args.delta):.2f}")
 
     print()
-    print("| run | test accuracy | ε (δ=%g) | mean s / epoch |" % args.delta)
+    print(f"| run | test accuracy | ε (δ={args.delta:g}) | mean s / epoch |")
     print("|---|---|---|---|")
     mean = lambda h: sum(r["seconds"] for r in h[1:] or h) / len(h[1:] or h)  # noqa: E731
     print(f"| non-private | {base_history[-1]['accuracy']:.2%} | ∞ | {mean(base_history):.3f} |")
