@@ -13,8 +13,9 @@ from dpcompile.privacy import PrivacyState
 
 
 class PrivateModule(nn.Module):
-    """Calls in training mode with gradients enabled go through the compiled private step;
-    evaluation (``.eval()`` or ``torch.no_grad()``) calls the wrapped module directly.
+    """Calls with gradients enabled go through the compiled private step (traced in the module's
+    current train/eval mode); calls under ``torch.no_grad()`` / ``inference_mode`` run the wrapped
+    module directly. A gradient can therefore never reach the parameters unclipped.
 
     The wrapped module's parameters are shared, not copied: ``state_dict()`` has the wrapped
     module's keys (no prefix), so checkpoints load into the original model.
@@ -40,7 +41,7 @@ class PrivateModule(nn.Module):
         return self._engine.compiled_graph_count
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.training and torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             return self._engine.forward(args, kwargs)
         return self._module(*args, **kwargs)
 

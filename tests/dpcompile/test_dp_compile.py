@@ -214,3 +214,27 @@ def test_loss_reduction_sum_is_not_divided():
     _, clipped = clipped_reference(model, ce, (bx,), (by,), 0.3)
     for n, (old, new) in start.items():
         torch.testing.assert_close(new - old, -clipped[n], rtol=1e-6, atol=1e-10)
+
+
+def test_training_in_eval_mode_is_still_private():
+    """A model trained in eval mode (no dropout) still gets clipped gradients, never raw ones."""
+    torch.manual_seed(0)
+    model = model_for("mlp").to(D)
+    x, y = dataset_for("mlp")
+    loader = DataLoader(TensorDataset(x.to(D), y), batch_size=10)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    private, opt, dl = dpcompile.dp_compile(model, torch.optim.SGD(model.parameters(), lr=1.0), loader,
+                                            noise_multiplier=0.0, max_grad_norm=0.1, backend="eager")
+    private.eval()
+    bx, by = next(iter(dl))
+    opt.zero_grad()
+    F.cross_entropy(private(bx), by).backward()
+    opt.step()
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(start[n])
+    _, clipped = clipped_reference(model, ce, (bx,), (by,), 0.1)
+    for n in start:
+        torch.testing.assert_close(after[n] - start[n], -clipped[n] / private.privacy.expected_batch_size,
+                                   rtol=1e-6, atol=1e-10)
