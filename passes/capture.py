@@ -17,6 +17,7 @@ per-sample rules know, and every forward node records the module it was traced i
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,12 +51,17 @@ KEPT_OPS = (
 )
 
 
-def decomposition_table() -> dict[Any, Callable[..., Any]]:
-    """Core aten decompositions, minus the ops the per-sample rules handle directly."""
+@functools.lru_cache(maxsize=1)
+def _decompositions() -> tuple[tuple[Any, Callable[..., Any]], ...]:
     table = dict(core_aten_decompositions())
     for op in KEPT_OPS:
         table.pop(op, None)
-    return table
+    return tuple(table.items())
+
+
+def decomposition_table() -> dict[Any, Callable[..., Any]]:
+    """Core aten decompositions, minus the ops the per-sample rules handle directly."""
+    return dict(_decompositions())
 
 
 @dataclass
