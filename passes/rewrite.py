@@ -212,12 +212,43 @@ class _Rewriter:
 
     def _scaled_call(self, node: fx.Node, env: dict[fx.Node, Any], carrier: fx.Node,
                      weights: torch.Tensor, keep: set[int] | None) -> Any:
-        sd = self.analysis.of(carrier)
-        assert isinstance(sd, SampleDim)
-        replace = {carrier: scale_samples(env[carrier], sd, weights)}
+        """Run a reducing node with one sample-carrying operand scaled by the clip factors."""
+        operand = self._operand_to_scale(node, carrier)
+        replace = self._scaled_operand(operand, env, weights)
         if keep is None:
             return _call(node, env, replace)
         return _with_output_mask(node, env, keep, replace)
+
+    def _operand_to_scale(self, node: fx.Node, carrier: fx.Node) -> fx.Node:
+        """For a contraction over samples (mm, bmm) scaling either operand gives Σ_b c_b·G_b:
+        scale the smaller one. Other reducing ops are linear in their backward signal only."""
+        if node.target not in (aten.mm.default, aten.bmm.default):
+            return carrier
+        operands = [a for a in node.args[:2] if isinstance(self.analysis.of(a), SampleDim)]
+        if len(operands) < 2:
+            return carrier
+        return min(operands, key=lambda a: a.meta["val"].numel())
+
+    def _scaled_operand(self, operand: fx.Node, env: dict[fx.Node, Any], weights: torch.Tensor) -> dict[fx.Node, Any]:
+        """Scale ``operand`` where it is still in its producer's layout, then redo the views.
+
+        Scaling a transposed view (``mm(gᵀ, a)``) would make Inductor materialize the transpose
+        with strided reads; scaling before the chain of views keeps the pass contiguous.
+        """
+        chain = [operand]
+        while (
+            chain[-1].target in _VIEW_OPS | _IDENTITY_OPS | _TRANSPOSE_OPS
+            and isinstance(chain[-1].args[0], fx.Node)
+            and isinstance(self.analysis.of(chain[-1].args[0]), SampleDim)
+        ):
+            chain.append(chain[-1].args[0])
+        source = chain[-1]
+        sd = self.analysis.of(source)
+        assert isinstance(sd, SampleDim)
+        replace: dict[fx.Node, Any] = {source: scale_samples(env[source], sd, weights)}
+        for view in reversed(chain[:-1]):
+            replace[view] = _call(view, env, replace)
+        return replace
 
     # ---- the whole step ---------------------------------------------------------------
     def __call__(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -123,11 +123,9 @@ def _scan_backward(d_out: torch.Tensor, d_h: torch.Tensor, d_c: torch.Tensor, ga
                 torch.mul(dh, (h > 0).to(dh.dtype), out=dx)
             dh = dx @ w_hh
     batch_major = lambda t: t.transpose(0, 1).contiguous()  # noqa: E731
-    d_gates_h = batch_major(d_gates_h) if mode == "gru" else None
-    d_gates_x = batch_major(d_gates_x)
-    if d_gates_h is None:
-        d_gates_h = d_gates_x.clone()
-    return d_gates_x, d_gates_h, dh, dc
+    # Only GRU's recurrent gate gradients differ from the input ones; otherwise return nothing.
+    d_gates_h = batch_major(d_gates_h) if mode == "gru" else d_gates_x.new_empty(0)
+    return batch_major(d_gates_x), d_gates_h, dh, dc
 
 
 @torch.library.custom_op("dpcompile::rnn_scan", mutates_args=())
@@ -149,13 +147,15 @@ def _(gates_x, h0, c0, w_hh, b_hh, mode):
 def rnn_scan_backward(d_out: torch.Tensor, d_h: torch.Tensor, d_c: torch.Tensor, gates: torch.Tensor,
                       cells: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, out: torch.Tensor,
                       w_hh: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backpropagation through time: (d gates_x, d gates_h (B, T, G·H), d h0, d c0)."""
+    """Backpropagation through time: (d gates_x, d gates_h (B, T, G·H), d h0, d c0); d gates_h is
+    empty unless mode is "gru" (elsewhere it equals d gates_x)."""
     return _scan_backward(d_out, d_h, d_c, gates, cells, h0, c0, out, w_hh, mode)
 
 
 @rnn_scan_backward.register_fake
 def _(d_out, d_h, d_c, gates, cells, h0, c0, out, w_hh, mode):
-    return torch.empty_like(gates), torch.empty_like(gates), torch.empty_like(h0), torch.empty_like(h0)
+    d_gates_h = torch.empty_like(gates) if mode == "gru" else gates.new_empty(0)
+    return torch.empty_like(gates), d_gates_h, torch.empty_like(h0), torch.empty_like(h0)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
@@ -173,6 +173,8 @@ def _backward(ctx: Any, d_out: torch.Tensor | None, d_h: torch.Tensor | None, d_
     d_h = torch.zeros_like(h0) if d_h is None else d_h
     d_c = torch.zeros_like(h0) if d_c is None else d_c
     d_gx, d_gh, d_h0, d_c0 = rnn_scan_backward(d_out, d_h, d_c, gates, cells, h0, c0, out, w_hh, ctx.mode)
+    if ctx.mode != "gru":
+        d_gh = d_gx  # the recurrent gates are the input gates
     hidden = h0.shape[-1]
     h_prev = torch.cat([h0.unsqueeze(1), out[:, :-1]], 1)
     # Recurrent weight gradients as plain graph ops: one reducing matmul over (B·T) rows.
