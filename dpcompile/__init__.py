@@ -2,10 +2,12 @@
 
     model, optimizer, loader = dpcompile.dp_compile(model, optimizer, loader, noise_multiplier=1.1)
 
-See ``dp_compile`` and the Opacus-compatible ``PrivacyEngine``.
+See ``dp_compile`` and the Opacus-compatible ``PrivacyEngine``; ``export`` / ``save`` / ``load``
+turn the private training step into a portable torch.export artifact.
 """
 
 from dpcompile.api import PoissonSamplingWarning, dp_compile
+from dpcompile.artifact import ArtifactError, ExportedStep, export, load, private_step, save
 from dpcompile.data import DPDataLoader, PoissonBatchSampler
 from dpcompile.module import PrivateModule
 from dpcompile.opacus_compat import BatchMemoryManager, PrivacyEngine
@@ -16,13 +18,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveClipping",
+    "ArtifactError",
     "BatchMemoryManager",
     "DPDataLoader",
     "DPOptimizer",
+    "ExportedStep",
     "PoissonBatchSampler",
     "PoissonSamplingWarning",
     "PrivacyEngine",
     "PrivacyState",
     "PrivateModule",
     "dp_compile",
+    "export",
+    "load",
+    "private_step",
+    "save",
 ]
