@@ -188,8 +188,6 @@ def private_step(model: PrivateModule, batch: Any, *, loss_fn: Any, seed: int | 
     saved = ({k: v.clone() for k, v in engine.accumulator.items()}, engine.unclipped_count,
              engine.samples_seen)
     engine.reset()
-    was_training = model.training
-    model.train()
     try:
         with torch.enable_grad():
             losses = loss(model(*inputs), *targets)
@@ -203,7 +201,6 @@ def private_step(model: PrivateModule, batch: Any, *, loss_fn: Any, seed: int | 
             objective = weighted.mean() if state.loss_reduction == "mean" else weighted.sum()
             grads = torch.autograd.grad(objective, [p for _, p in trainable], allow_unused=True)
     finally:
-        model.train(was_training)
         engine.reset()
         engine.accumulator.update(saved[0])
         engine.unclipped_count, engine.samples_seen = saved[1], saved[2]
@@ -282,19 +279,14 @@ class PrivateStepProgram(nn.Module):
 def loss_private_graph(module: nn.Module, inputs: Sequence[torch.Tensor], loss: Callable[..., torch.Tensor],
                        targets: Sequence[torch.Tensor], *, batch_dim: int = 0,
                        clipping: str = "flat") -> PrivateGraph:
-    """The compiler's passes on forward + per-sample loss + backward, in training mode:
-    capture → analyze → private_backward (per-sample norms and clipped sums)."""
-    was_training = module.training
-    module.train()
-    try:
-        cap = capture(module, inputs, loss, targets, batch_dim=batch_dim)
-        analysis = analyze(cap)
-        example = example_private_inputs(cap)
-        if clipping == "per_layer":
-            example[-1] = example[-1].expand(len(cap.grad_for)).clone()
-        return private_backward(cap, analysis, clipping, example)  # type: ignore[arg-type]
-    finally:
-        module.train(was_training)
+    """The compiler's passes on forward + per-sample loss + backward, in the module's current
+    train/eval mode (as the training graphs are traced): capture → analyze → private_backward."""
+    cap = capture(module, inputs, loss, targets, batch_dim=batch_dim)
+    analysis = analyze(cap)
+    example = example_private_inputs(cap)
+    if clipping == "per_layer":
+        example[-1] = example[-1].expand(len(cap.grad_for)).clone()
+    return private_backward(cap, analysis, clipping, example)  # type: ignore[arg-type]
 
 
 def export(model: PrivateModule, example_batch: Any, *, loss_fn: Any,
@@ -306,7 +298,8 @@ def export(model: PrivateModule, example_batch: Any, *, loss_fn: Any,
     is a criterion such as ``nn.CrossEntropyLoss()`` (run with ``reduction="none"``). The program
     is called as ``ep.module()(params, buffers, inputs, targets, mask, seed)`` (see the module
     docstring); its example inputs (stored in the ``.pt2`` file) hold the current parameters.
-    The privacy metadata is :func:`metadata` of the program. Nothing about the model changes.
+    The privacy metadata is :func:`metadata` of the program. The step is traced in the model's
+    current train/eval mode, as its training graphs are. Nothing about the model changes.
     """
     model = _require_private(model, "dpcompile.export")
     engine = model._engine
@@ -365,7 +358,7 @@ def _warn_random_ops(private: PrivateGraph) -> None:
     })
     if random_ops:
         warnings.warn(
-            f"the model draws random numbers in training mode ({', '.join(random_ops)}: dropout?); "
+            f"the model draws random numbers ({', '.join(random_ops)}: dropout in training mode?); "
             "the exported step draws them from torch's generator, not from its seed, so it is "
             "not a pure function of its inputs and will not reproduce the live step",
             stacklevel=3,
@@ -438,6 +431,7 @@ def build_metadata(model: PrivateModule, private: PrivateGraph, inputs: Sequence
             "inputs": [_tensor_spec(t) for t in inputs],
             "targets": [_tensor_spec(t) for t in targets],
             "batch_dim": model._engine.batch_dim,
+            "training_mode": module.training,
             "outputs": list(OUTPUT_KEYS),
             "norm_strategies": {n: plan.strategy for n, plan in private.plans.items()},
             "custom_op_namespaces": custom_ops,

@@ -284,15 +284,11 @@ def explain(model: nn.Module, example_inputs: Any, *, code: bool = False,
         state = PrivacyState(noise_multiplier=0.0, max_grad_norm=1.0, sample_rate=1.0,
                              dataset_size=max(count, 1), accountant=create_accountant("rdp"))
         engine = Engine(module, state, backend="eager", max_physical_batch_size=max(count, 2))
-    was_training = module.training
-    module.train()  # the training graphs: the signature includes the mode
-    try:
-        tensors, spec, constants = engine._flatten_call(inputs, {})
-        count = engine.batch_size(tensors)
-        padded = engine.padded_size(count)
-        step = engine.compiled_step(tensors, spec, constants, padded)
-    finally:
-        module.train(was_training)
+    # the graphs a step with gradients runs, traced in the module's current train/eval mode
+    tensors, spec, constants = engine._flatten_call(inputs, {})
+    count = engine.batch_size(tensors)
+    padded = engine.padded_size(count)
+    step = engine.compiled_step(tensors, spec, constants, padded)
     text = None
     if code:
         text = "\n".join([

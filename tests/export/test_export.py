@@ -208,24 +208,41 @@ def test_runs_with_plain_torch_without_dpcompile(tmp_path):
     assert max_difference(out["update"], live["update"]) < 1e-12
 
 
-def test_random_ops_warn():
-    class Dropout(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(6, 3)
+class Scaled(nn.Module):
+    """A buffer the forward reads, and dropout (random only in training mode)."""
 
-        def forward(self, x):
-            return self.lin(F.dropout(x, 0.5, self.training))
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+        self.register_buffer("scale", torch.linspace(0.5, 2.0, 6))
+
+    def forward(self, x):
+        return self.lin(F.dropout(x * self.scale, 0.5, self.training))
+
+
+def test_eval_mode_and_buffers(tmp_path):
+    import warnings
 
     from torch.utils.data import DataLoader, TensorDataset
 
-    model = Dropout()
-    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    torch.manual_seed(0)
+    model = Scaled().to(D)
+    x, y = torch.randn(16, 6, dtype=D), torch.randint(0, 3, (16,))
     private, _, _ = dpcompile.dp_compile(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                          DataLoader(TensorDataset(x, y), batch_size=4),
-                                         noise_multiplier=1.0, backend="eager")
+                                         noise_multiplier=0.7, backend="eager")
     with pytest.warns(UserWarning, match="random numbers"):
         dpcompile.export(private, (x[:4], y[:4]), loss_fn=CE)
+    private.eval()  # the step is traced in the model's current mode, as training traces it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, step = export_save_load(private, (x[:4], y[:4]), tmp_path)
+    assert step.metadata["step"]["training_mode"] is False
+    assert [b["name"] for b in step.metadata["step"]["buffers"]] == ["scale"]
+    live = private.private_step((x[:4], y[:4]), loss_fn=CE, seed=8)
+    assert max_difference(step((x[:4], y[:4]), seed=8)["update"], live["update"]) < 1e-12
+    doubled = step((x[:4], y[:4]), seed=8, buffers={"scale": 2 * model.scale})
+    assert max_difference(doubled["update"], live["update"]) > 1e-6
 
 
 # ---- bad input ----------------------------------------------------------------------------------
