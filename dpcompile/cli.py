@@ -14,6 +14,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "dpcompile.examples.digits",
     "dpcompile.accounting.cli",
+    "dpcompile.explain_cli",
 )
 
 

@@ -40,6 +40,14 @@ class PrivateModule(nn.Module):
         """Compiled (forward, private backward) graph pairs so far: one per physical batch shape."""
         return self._engine.compiled_graph_count
 
+    def private_step(self, batch: Any, *, loss_fn: Any, seed: int | torch.Tensor,
+                     mask: torch.Tensor | None = None) -> dict[str, Any]:
+        """One private step (clipped sums, counter-based noise, scaling) without changing any
+        state: what ``dpcompile.export`` exports. See :func:`dpcompile.artifact.private_step`."""
+        from dpcompile.artifact import private_step
+
+        return private_step(self, batch, loss_fn=loss_fn, seed=seed, mask=mask)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled():
             return self._engine.forward(args, kwargs)

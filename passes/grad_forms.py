@@ -33,6 +33,7 @@ class GradForm:
     """One use's contribution to every sample's gradient, standing for a ``(B, *shape)`` tensor."""
 
     shape: tuple[int, ...]
+    rule = ""  # the per-sample rule that produced it ("mm", "convolution", "vmap:<op>", ...)
 
     @property
     def batch(self) -> int:
@@ -240,6 +241,19 @@ class Scattered(GradForm):
         return (same * self.values[:, :, None, :] * self.values[:, None, :, :]).sum((1, 2, 3))
 
 
+def fallback_rule(source_rules: list[str], op: object) -> str:
+    """The rule label of a form made by running ``op`` per sample (vmap) on forms with
+    ``source_rules``: ``"<source rules>>vmap:<op>,<op>..."``, e.g. ``"bmm>vmap:aten.permute.default"``."""
+    roots: list[str] = []
+    ops: list[str] = []
+    for rule in source_rules:
+        root, _, rest = rule.partition("vmap:")
+        roots.append(root.removesuffix(">"))
+        ops += rest.split(",") if rest else []
+    ops.append(str(op))
+    return "+".join(dict.fromkeys(r for r in roots if r)) + ">vmap:" + ",".join(dict.fromkeys(ops))
+
+
 @dataclass
 class NormPlan:
     """How one parameter's per-sample norm is computed (what ``explain`` reports)."""
@@ -250,10 +264,17 @@ class NormPlan:
     materialized_flops: int = 0
     memory_elements: int = 0
     notes: list[str] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)  # the rule of each use (GradForm.rule)
+    flops: int = 0  # estimated flops of the chosen norm computation, all uses
 
     @property
     def materialized(self) -> bool:
         return self.strategy in ("materialized", "dense")
+
+    @property
+    def fallback(self) -> bool:
+        """Some use had no rule and was evaluated per sample with torch.vmap."""
+        return any("vmap:" in r for r in self.rules)
 
 
 def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, NormPlan, torch.Tensor | None]:
@@ -266,7 +287,7 @@ def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, N
     lookups = [f for f in forms if isinstance(f, Lookup)]
     scattered = [f for f in forms if isinstance(f, Scattered)]
     dense = [f.values for f in forms if isinstance(f, Dense)]
-    plan = NormPlan(strategy="", uses=len(forms))
+    plan = NormPlan(strategy="", uses=len(forms), rules=[f.rule for f in forms])
     parts: list[str] = []
 
     outer: Outer | None = None
@@ -286,10 +307,12 @@ def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, N
         if outer.prefers_ghost():
             parts.append("ghost")
             plan.memory_elements += ghost_mem
+            plan.flops += plan.ghost_flops
         else:
             dense.append(outer.materialize().reshape(outer.batch, *outer.shape))
             parts.append("materialized")
             plan.memory_elements += mat_mem
+            plan.flops += plan.materialized_flops
             outer = None
 
     lookup: Lookup | None = None
@@ -311,6 +334,8 @@ def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, N
                 "mode='sum' or 'mean', or untie the weights)"
             )
         parts.append("embedding")
+
+    _add_cost_estimates(plan, lookup, scattered, dense, from_outer="materialized" in parts)
 
     total_dense: torch.Tensor | None = None
     if dense:
@@ -346,3 +371,26 @@ def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, N
     plan.strategy = "+".join(dict.fromkeys(parts))
     only_dense = outer is None and lookup is None and not scattered
     return sq, plan, total_dense if only_dense else None
+
+
+def _add_cost_estimates(plan: NormPlan, lookup: Lookup | None, scattered: list[Scattered],
+                        dense: list[torch.Tensor], from_outer: bool) -> None:
+    """Rough flops and memory of the embedding and dense norms (for explain; decides nothing)."""
+    if lookup is not None:
+        batch, t = lookup.index.shape
+        c = int(lookup.cols.shape[-1])
+        if t <= LOOKUP_GHOST_MAX_POSITIONS:
+            plan.flops += batch * t * t * c
+            plan.memory_elements += batch * t * t
+        else:
+            plan.flops += batch * t * (c + max(1, int(math.log2(batch * t))))
+            plan.memory_elements += batch * t * c
+    for s in scattered:
+        batch, t, c = (int(d) for d in s.index.shape)
+        plan.flops += batch * t * t * c
+        plan.memory_elements += batch * t * t * c
+    for k, d in enumerate(dense):
+        if k == len(dense) - 1 and from_outer:
+            continue  # the materialized outer products, counted above
+        plan.flops += d.numel()
+        plan.memory_elements += d.numel()

@@ -64,12 +64,17 @@ def register_per_sample_rule(*ops: Any) -> Callable[[PerSampleRule], PerSampleRu
 def per_sample_form(ctx: RuleContext, node: fx.Node, index: int | None) -> GradForm:
     """The per-sample form of reducing node ``node`` (output ``index`` of a multi-output op)."""
     rule = PER_SAMPLE_RULES.get(node.target, vmap_rule)
-    return rule(ctx, node, index)
+    form = rule(ctx, node, index)
+    if not form.rule:
+        form.rule = rule.__name__.removesuffix("_rule")
+    return form
 
 
 def vmap_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> GradForm:
     """Fallback for any op: evaluate it once per sample with torch.vmap."""
-    return Dense(vmap_node(ctx, node, index, {}))
+    form = Dense(vmap_node(ctx, node, index, {}))
+    form.rule = f"vmap:{node.target}"
+    return form
 
 
 def vmap_node(

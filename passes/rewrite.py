@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_map
 
 from passes.capture import Capture, decomposition_table
 from passes.errors import DPCompileError
-from passes.grad_forms import Dense, GradForm, NormPlan, combine_sq_norms
+from passes.grad_forms import Dense, GradForm, NormPlan, combine_sq_norms, fallback_rule
 from passes.per_sample_rules import RuleContext, per_sample_form, vmap_node
 from passes.sample_dims import Analysis, SampleDim
 from passes.samples import scale_samples
@@ -171,20 +171,23 @@ class _Rewriter:
             if node.target in _IDENTITY_OPS:
                 return source
             if node.target in _VIEW_OPS:
-                return [f.view(shape) for f in source]
+                return [_same_rule(f.view(shape), f) for f in source]
             if node.target in _TRANSPOSE_OPS and len(shape) == 2:
                 moved = [f.transpose() for f in source]
                 if all(m is not None for m in moved):
-                    return moved  # type: ignore[return-value]
+                    return [_same_rule(m, f) for m, f in zip(moved, source)]  # type: ignore[arg-type]
         # Anything else: materialize the inputs and run the op per sample.
-        batched = {}
+        batched, rules = {}, []
         for arg in inputs:
+            rules += [f.rule for f in self.forms(arg, ctx, memo)]
             dense = [f.materialize() for f in self.forms(arg, ctx, memo)]
             total = dense[0]
             for d in dense[1:]:
                 total = total + d
             batched[arg] = total
-        return [Dense(vmap_node(ctx, node, None, batched))]
+        form = Dense(vmap_node(ctx, node, None, batched))
+        form.rule = fallback_rule(rules, node.target)
+        return [form]
 
     # ---- stage 4: clipped sums ------------------------------------------------------
     def clipped(self, node: fx.Node, env: dict[fx.Node, Any], weights: torch.Tensor,
@@ -290,6 +293,11 @@ class _Rewriter:
             clipped.append(self.clipped(grad, env, weights, memo_c))
         outputs = [env[n] if isinstance(n, fx.Node) else n for n in self.leaf_nodes]
         return (*outputs, norms, *clipped)
+
+
+def _same_rule(form: GradForm, source: GradForm) -> GradForm:
+    form.rule = source.rule
+    return form
 
 
 def private_backward(

@@ -1,0 +1,110 @@
+"""Counter-based Gaussian noise: a pure function of (seed, element index), in integer tensor ops.
+
+An exported private step must be a pure function of its inputs, so its noise cannot come from
+a stateful generator (``torch.randn(..., generator=g)`` does not export portably). Here every
+noise value is computed from the seed and its position alone:
+
+- Philox4x32-10 (Salmon, Moraes, Dror, Shaw 2011, "Parallel random numbers: as easy as 1, 2, 3")
+  maps a 128-bit counter and a 64-bit key to 128 random bits in ten rounds of 32x32->64-bit
+  multiplications, xors and key increments. The key is the 64-bit seed; the counter of block
+  ``j`` is ``(j mod 2^32, j div 2^32, stream, 0)``.
+- Box-Muller turns each block's four 32-bit words into four standard normals, so element ``i``
+  of the flattened noise is lane ``i mod 4`` of block ``i div 4``.
+
+Everything runs as int64 tensor arithmetic on non-negative values below 2^63 (a 32x32-bit
+product is assembled from two 32x16-bit products), so the graph exports with ``torch.export``,
+compiles with Inductor / AOTInductor, and gives the same integers on any device. The normals
+are computed in float32 (``log``, ``cos``, ``sin``): bit-identical wherever the same kernels run
+(the live step and the exported program on the same device); across devices they may differ in
+the last bits of the transcendental functions.
+
+Uniforms use the top 24 bits of a word, so the normals are exact float32 Box-Muller values with
+|z| <= sqrt(2·ln 2^24) ≈ 5.77: the Gaussian tail beyond that (probability ~8e-9 per coordinate)
+is cut off, as with generators that draw float32 uniforms (torch's CUDA ``randn`` among them).
+Like any seeded generator this is not a cryptographic stream: the privacy of the noise rests on
+the seed being secret and never reused.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9  # key increments (golden ratio, sqrt(3) - 1)
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+GENERATOR_NAME = "philox4x32-10/box-muller-f32"
+GENERATOR_VERSION = 1
+
+
+def _mulhilo(constant: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of ``constant * x`` for 32-bit ``constant`` and ``x`` (int64)."""
+    c_hi, c_lo = constant >> 16, constant & 0xFFFF
+    low_part = x * c_lo  # < 2^48
+    high_part = x * c_hi  # < 2^48; the product is high_part·2^16 + low_part
+    lo = (low_part + ((high_part & 0xFFFF) << 16)) & MASK32
+    hi = (high_part + (low_part >> 16)) >> 16
+    return hi, lo
+
+
+def philox4x32(counter: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+               key: tuple[torch.Tensor, torch.Tensor],
+               rounds: int = PHILOX_ROUNDS) -> tuple[torch.Tensor, ...]:
+    """Philox4x32 on int64 tensors holding 32-bit words (broadcasting); returns four words."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for r in range(rounds):
+        if r:
+            k0 = (k0 + PHILOX_W0) & MASK32
+            k1 = (k1 + PHILOX_W1) & MASK32
+        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def random_words(seed: torch.Tensor, blocks: int, stream: int = 0) -> torch.Tensor:
+    """(blocks, 4) random 32-bit words (int64) for counter blocks 0..blocks-1 under ``seed``."""
+    seed = seed.to(torch.int64).reshape(())
+    key = (seed & MASK32, (seed >> 32) & MASK32)  # two's complement bits of a negative seed too
+    index = torch.arange(blocks, dtype=torch.int64, device=seed.device)
+    counter = (index & MASK32, index >> 32, torch.full_like(index, stream & MASK32),
+               torch.zeros_like(index))
+    return torch.stack(philox4x32(counter, key), dim=1)
+
+
+def standard_normal(seed: torch.Tensor, numel: int, dtype: torch.dtype = torch.float32,
+                    stream: int = 0) -> torch.Tensor:
+    """``numel`` standard normals, a pure function of the int64 tensor ``seed`` (on its device)."""
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    blocks = -(-numel // 4)
+    words = random_words(seed, blocks, stream)
+    scale = 2.0**-24
+    top = (words >> 8).to(torch.float32)  # exact: < 2^24
+    u1 = (top[:, 0::2] + 1.0) * scale  # (0, 1]: log is finite
+    u2 = top[:, 1::2] * scale  # [0, 1)
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    angle = (2.0 * math.pi) * u2
+    normals = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=2)
+    # block j: lanes (z0, z1) from words (0, 1), (z2, z3) from words (2, 3)
+    return normals.reshape(-1)[:numel].to(dtype)
+
+
+def normal_like(seed: torch.Tensor, tensors: list[torch.Tensor], stream: int = 0) -> list[torch.Tensor]:
+    """Standard normal noise shaped like each tensor: one stream over all of them, in order.
+
+    Tensor ``k`` takes elements ``[o_k, o_k + numel_k)`` of the flattened stream, ``o_k`` the
+    total size of the tensors before it, so the noise of a parameter depends only on the seed
+    and the sizes of the parameters listed before it.
+    """
+    sizes = [t.numel() for t in tensors]
+    flat = standard_normal(seed, sum(sizes), torch.float32, stream)
+    out = []
+    for t, piece in zip(tensors, flat.split(sizes)):
+        out.append(piece.to(dtype=t.dtype, device=t.device).reshape(t.shape))
+    return out
