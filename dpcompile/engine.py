@@ -167,9 +167,8 @@ class Engine:
         )
 
     def warm_up(self, args: tuple[Any, ...]) -> None:
-        """Compile the training graphs for the expected batch size and run them once, no effect."""
-        was_training = self.module.training
-        self.module.train()
+        """Compile the graphs for the expected batch size in the module's current train/eval mode
+        and run them once, with no effect on parameters or accumulators."""
         try:
             tensors, spec, constants = self._flatten_call(args, {})
             count = self.batch_size(tensors)
@@ -183,7 +182,6 @@ class Engine:
                 self.run_backward(step, saved, seeds, 0)
         finally:
             self.reset()
-            self.module.train(was_training)
 
     # ---- run -----------------------------------------------------------------------------
     def forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
