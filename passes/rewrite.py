@@ -10,6 +10,12 @@ gradients each scaled by ``c_b = mask_b · min(1, C / (‖g_b‖ + 1e-6))`` (Boo
 gradients are computed once, with each reducing node's backward signal scaled by ``c``). With
 ``clipping="per_layer"``, ``max_grad_norm`` holds one C per trainable parameter with a gradient,
 norms are ``(B, P)`` and every parameter is clipped on its own.
+
+``nonfinite="drop"``: a sample whose gradient has a NaN or Inf gets ``c_b = 0``, and every
+per-sample value the clipped sums read is zeroed for it first (``torch.where``, not a product,
+so ``0·Inf = NaN`` cannot reach the sum): it contributes exactly nothing. Its norm is still
+returned (non-finite) so that the runtime can count it. ``"error"`` leaves the graph unchanged
+(the runtime refuses the step instead).
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ from passes.errors import DPCompileError
 from passes.grad_forms import Dense, GradForm, NormPlan, combine_sq_norms, fallback_rule
 from passes.per_sample_rules import RuleContext, per_sample_form, vmap_node
 from passes.sample_dims import Analysis, SampleDim
-from passes.samples import scale_samples
+from passes.samples import scale_samples, zero_samples
 
 aten = torch.ops.aten
 
 Clipping = Literal["flat", "per_layer"]
+NonFinite = Literal["error", "drop"]
 CLIP_EPSILON = 1e-6
 
 # Ops that only re-lay out a gradient: forms follow them without materializing.
@@ -113,10 +120,12 @@ def _with_output_mask(node: fx.Node, env: dict[fx.Node, Any], keep: set[int],
 class _Rewriter:
     """Evaluates the captured graph with the gradient region replaced (traced by make_fx)."""
 
-    def __init__(self, capture: Capture, analysis: Analysis, clipping: Clipping) -> None:
+    def __init__(self, capture: Capture, analysis: Analysis, clipping: Clipping,
+                 nonfinite: NonFinite = "error") -> None:
         self.capture = capture
         self.analysis = analysis
         self.clipping = clipping
+        self.nonfinite = nonfinite
         self.graph = capture.graph_module.graph
         self.region = gradient_region(analysis)
         self.output_node = next(n for n in self.graph.nodes if n.op == "output")
@@ -282,6 +291,9 @@ class _Rewriter:
             norms = sq.clamp(min=0).sqrt()
             factors = (max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0) * mask[:, None]
             per_param = list(factors.unbind(1))
+        clip_env: dict[fx.Node, Any] = env
+        if self.nonfinite == "drop":
+            per_param, clip_env, dense_grads = self._drop_nonfinite(sq, mask, per_param, env, dense_grads)
 
         clipped = []
         shared_memo: dict[fx.Node, Any] = {}
@@ -290,9 +302,40 @@ class _Rewriter:
                 clipped.append(torch.einsum("b,b...->...", weights.to(dense.dtype), dense))
                 continue
             memo_c = shared_memo if self.clipping == "flat" else {}
-            clipped.append(self.clipped(grad, env, weights, memo_c))
+            clipped.append(self.clipped(grad, clip_env, weights, memo_c))
         outputs = [env[n] if isinstance(n, fx.Node) else n for n in self.leaf_nodes]
         return (*outputs, norms, *clipped)
+
+    # ---- nonfinite="drop" ---------------------------------------------------------------
+    def _drop_nonfinite(self, sq: torch.Tensor, mask: torch.Tensor, per_param: list[torch.Tensor],
+                        env: dict[fx.Node, Any], dense_grads: list[Any]) -> tuple[Any, Any, Any]:
+        """Zero the clip factors of samples with a non-finite gradient, and their values."""
+        keep = torch.isfinite(sq).all(1) & (mask != 0)
+        per_param = [torch.where(keep, w, torch.zeros_like(w)) for w in per_param]
+        dense_grads = [
+            None if d is None else torch.where(keep.view(-1, *[1] * (d.dim() - 1)), d, torch.zeros_like(d))
+            for d in dense_grads
+        ]
+        return per_param, _ZeroedSamples(env, self.analysis, keep), dense_grads
+
+
+class _ZeroedSamples(dict):  # type: ignore[type-arg]
+    """A view of ``env`` in which every floating per-sample value is zero for dropped samples."""
+
+    def __init__(self, env: dict[fx.Node, Any], analysis: Analysis, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.env, self.analysis, self.keep = env, analysis, keep
+
+    def __missing__(self, node: fx.Node) -> Any:
+        value = self.env[node]
+        sd = self.analysis.of(node)
+        if isinstance(sd, SampleDim) and isinstance(value, torch.Tensor) and value.is_floating_point():
+            value = zero_samples(value, sd, self.keep)
+        self[node] = value
+        return value
+
+    def __contains__(self, node: object) -> bool:
+        return node in self.env
 
 
 def _same_rule(form: GradForm, source: GradForm) -> GradForm:
@@ -305,11 +348,17 @@ def private_backward(
     analysis: Analysis,
     clipping: Clipping = "flat",
     example_inputs: list[torch.Tensor] | None = None,
+    nonfinite: NonFinite = "error",
 ) -> PrivateGraph:
-    """Rewrite the joint graph into per-sample norms and clipped sums (one backward pass)."""
+    """Rewrite the joint graph into per-sample norms and clipped sums (one backward pass).
+
+    ``nonfinite="drop"`` makes samples with a NaN/Inf gradient contribute exactly nothing.
+    """
     if clipping not in ("flat", "per_layer"):
         raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")
-    rewriter = _Rewriter(capture, analysis, clipping)
+    if nonfinite not in ("error", "drop"):
+        raise ValueError(f"nonfinite must be 'error' or 'drop', got {nonfinite!r}")
+    rewriter = _Rewriter(capture, analysis, clipping, nonfinite)
     if example_inputs is None:
         example_inputs = example_private_inputs(capture)
         if clipping == "per_layer":

@@ -34,6 +34,16 @@ def scale_samples(t: torch.Tensor, sd: SampleDim, weights: torch.Tensor) -> torc
     return (split * weights.to(t.dtype).view(view)).flatten(d, d + 2)
 
 
+def zero_samples(t: torch.Tensor, sd: SampleDim, keep: torch.Tensor) -> torch.Tensor:
+    """``t`` with sample ``b``'s slice set to 0 where ``keep[b]`` is false (``where``: NaN-safe)."""
+    batch = keep.shape[0]
+    d = sd.dim
+    split = t.unflatten(d, (sd.outer, batch, sd.inner))
+    view = [1] * split.dim()
+    view[d + 1] = batch
+    return torch.where(keep.view(view), split, torch.zeros((), dtype=t.dtype, device=t.device)).flatten(d, d + 2)
+
+
 def take_samples(t: torch.Tensor, sd: SampleDim, batch: int, count: int) -> torch.Tensor:
     """The first ``count`` of ``batch`` samples of ``t`` (dropping padding rows)."""
     if count == batch:
