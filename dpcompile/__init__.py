@@ -4,17 +4,20 @@
 
 See ``dp_compile`` and the Opacus-compatible ``PrivacyEngine``; ``export`` / ``save`` / ``load``
 turn the private training step into a portable torch.export artifact, ``explain`` shows what the
-compiler did to each parameter.
+compiler did to each parameter; docs/safety.md covers validation, budgets, checkpoints and
+secure mode.
 """
 
-from dpcompile.api import PoissonSamplingWarning, dp_compile
+from dpcompile.api import PoissonSamplingWarning, SampleRateWarning, dp_compile
 from dpcompile.artifact import ArtifactError, ExportedStep, export, load, private_step, save
+from dpcompile.budget import PrivacyBudgetExceeded, PrivacyBudgetWarning
 from dpcompile.data import DPDataLoader, PoissonBatchSampler
 from dpcompile.explanation import Explanation, explain
 from dpcompile.module import PrivateModule
 from dpcompile.opacus_compat import BatchMemoryManager, PrivacyEngine
-from dpcompile.optimizer import DPOptimizer
+from dpcompile.optimizer import DPOptimizer, NonFiniteGradientError
 from dpcompile.privacy import AdaptiveClipping, PrivacyState
+from dpcompile.validate import Change, ModelValidationError, Problem, fix, validate
 
 __version__ = "0.1.0"
 
@@ -22,19 +25,28 @@ __all__ = [
     "AdaptiveClipping",
     "ArtifactError",
     "BatchMemoryManager",
+    "Change",
     "DPDataLoader",
     "DPOptimizer",
     "Explanation",
     "ExportedStep",
+    "ModelValidationError",
+    "NonFiniteGradientError",
     "PoissonBatchSampler",
     "PoissonSamplingWarning",
+    "PrivacyBudgetExceeded",
+    "PrivacyBudgetWarning",
     "PrivacyEngine",
     "PrivacyState",
     "PrivateModule",
+    "Problem",
+    "SampleRateWarning",
     "dp_compile",
     "explain",
     "export",
+    "fix",
     "load",
     "private_step",
     "save",
+    "validate",
 ]

@@ -11,20 +11,30 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils._pytree import tree_flatten
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from dpcompile.accounting import available_accountants, create_accountant, get_noise_multiplier
-from dpcompile.data import DPDataLoader, PhysicalBatches, StepSignal, secure_generator
+from dpcompile.budget import check_budget_argument, epsilon_after
+from dpcompile.data import DPDataLoader, PhysicalBatches, StepSignal
 from dpcompile.engine import Engine
 from dpcompile.module import PrivateModule
 from dpcompile.noise import NoiseSource
 from dpcompile.optimizer import DPOptimizer
 from dpcompile.privacy import AdaptiveClipping, PrivacyState
+from dpcompile.validate import ModelValidationError, buffer_update_problems, structural_problems
 from passes.errors import DPCompileError
 
 
 class PoissonSamplingWarning(UserWarning):
     """The reported ε assumes Poisson sampling, which this loader does not do."""
+
+
+class SampleRateWarning(UserWarning):
+    """An explicit sample_rate far from the loader's batch size over the dataset size."""
+
+
+# Samplers that only order the data set: uniform over all samples, each sample once per epoch.
+_UNIFORM_SAMPLERS = (SequentialSampler, RandomSampler)
 
 
 def dp_compile(
@@ -48,6 +58,8 @@ def dp_compile(
     batch_dim: int = 0,
     noise_generator: torch.Generator | None = None,
     adaptive_clipping: AdaptiveClipping | dict[str, float] | None = None,
+    max_epsilon: float | None = None,
+    nonfinite: str = "error",
 ) -> tuple[PrivateModule, DPOptimizer, Any]:
     """Make ``model``, ``optimizer`` and ``train_loader`` train with DP-SGD.
 
@@ -63,6 +75,14 @@ def dp_compile(
     per trainable parameter (per-layer clipping). ``clipping="adaptive"`` adapts C to a quantile
     of the per-sample norms (Andrew et al. 2021) with its own noisy count, accounted for.
     ``backend="eager"`` runs the same rewritten graphs without Inductor, for debugging.
+
+    Safety (docs/safety.md): the model is validated first (``dpcompile.validate``; all problems
+    are listed in one :class:`ModelValidationError`). ``max_epsilon`` (at ``target_delta``) is a
+    budget: the optimizer refuses a step that would exceed it (``PrivacyBudgetExceeded``, raised
+    before anything is updated) and the loader stops before such a step. ``nonfinite`` is the
+    policy for a sample whose gradient is NaN/Inf: ``"error"`` (refuse the step) or ``"drop"``
+    (that sample contributes nothing). ``secure_mode=True`` draws noise and batches from
+    generators seeded by the operating system's CSPRNG (see ``dpcompile.noise``).
     """
     _check_types(model, optimizer, train_loader)
     if (noise_multiplier is None) == (target_epsilon is None):
@@ -79,6 +99,17 @@ def dp_compile(
         raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
     if max_physical_batch_size is not None and max_physical_batch_size < 1:
         raise ValueError(f"max_physical_batch_size must be positive, got {max_physical_batch_size}")
+    if nonfinite not in ("error", "drop"):
+        raise ValueError(f"nonfinite must be 'error' or 'drop', got {nonfinite!r}")
+    max_epsilon = check_budget_argument(max_epsilon)
+    if secure_mode and noise_generator is not None:
+        raise ValueError(
+            "secure_mode=True draws noise from generators seeded by the operating system's "
+            "CSPRNG; a noise_generator (whose seed is known) would defeat it: pass one or the other"
+        )
+    problems = structural_problems(model)
+    if problems:
+        raise ModelValidationError(problems)
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
@@ -96,14 +127,10 @@ def dp_compile(
         ) from error
     if dataset_size < 1:
         raise ValueError("the train loader's dataset is empty")
+    _check_sampler(train_loader, poisson_sampling)
     steps_per_epoch = len(train_loader)
-    if sample_rate is None:
-        if train_loader.batch_size is not None:
-            sample_rate = train_loader.batch_size / dataset_size
-        else:
-            sample_rate = 1 / steps_per_epoch
-    if not 0 < sample_rate <= 1:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    sample_rate = _sample_rate(train_loader, sample_rate, dataset_size, steps_per_epoch,
+                               poisson_sampling)
 
     if target_epsilon is not None:
         if epochs is None or epochs <= 0:
@@ -136,15 +163,36 @@ def dp_compile(
         secure_mode=secure_mode,
         adaptive=adaptive,
         parameter_names=[n for n, _ in trainable],
+        max_epsilon=max_epsilon,
+        nonfinite=nonfinite,
     )
+    if max_epsilon is not None:
+        first = epsilon_after(state, 1)
+        if first > max_epsilon:
+            raise ValueError(
+                f"max_epsilon={max_epsilon:g} is below the ε of a single step ({first:.4g} at "
+                f"δ={target_delta:g} with noise_multiplier={noise_multiplier:g}, sample_rate="
+                f"{sample_rate:g}): no step could be taken; raise the budget or the noise"
+            )
     signal = StepSignal()
     engine = Engine(model, state, backend=backend, batch_dim=batch_dim,  # type: ignore[arg-type]
                     max_physical_batch_size=max_physical_batch_size)
-    _warm_up(engine, dataset)
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        _warm_up(engine, dataset)
+    finally:
+        # Compiling runs the forward: undo what it did to buffers (counters, statistics).
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers and b.shape == buffers[name].shape:
+                    b.copy_(buffers[name])
+    problems = [p for step in engine._steps.values() for p in buffer_update_problems(step.capture, model)]
+    if problems:
+        raise ModelValidationError(problems)
 
     if poisson_sampling:
         loader: Any = _poisson_loader(train_loader, sample_rate, steps_per_epoch, max_physical_batch_size,
-                                      signal, secure_mode)
+                                      signal, secure_mode, state)
     else:
         warnings.warn(
             "poisson_sampling=False: the reported ε assumes Poisson sampling and under-reports "
@@ -152,7 +200,7 @@ def dp_compile(
             PoissonSamplingWarning,
             stacklevel=2,
         )
-        loader = PhysicalBatches(train_loader, max_physical_batch_size, signal)
+        loader = PhysicalBatches(train_loader, max_physical_batch_size, signal, state)
 
     private_model = PrivateModule(model, engine)
     private_optimizer = DPOptimizer(optimizer, engine, signal, NoiseSource(secure_mode, noise_generator))
@@ -163,6 +211,11 @@ def dp_compile(
 
 
 def _check_types(model: Any, optimizer: Any, loader: Any) -> None:
+    if isinstance(model, tuple) and model and isinstance(model[0], nn.Module):
+        raise TypeError(
+            "model must be a torch.nn.Module, got a tuple: dpcompile.fix(model) returns "
+            "(fixed_model, changes); pass the first element"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, PrivateModule):
@@ -185,6 +238,77 @@ def _check_optimizer(model: nn.Module, optimizer: Optimizer) -> None:
                     f"parameter of the model {type(model).__name__}: build the optimizer from "
                     "model.parameters()"
                 )
+
+
+def _check_sampler(loader: DataLoader, poisson_sampling: bool) -> None:
+    """Refuse samplers whose inclusion probabilities differ from the accounted uniform rate."""
+    batch_sampler = loader.batch_sampler
+    sampler = loader.sampler
+    if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+        problem = f"a custom batch_sampler ({type(batch_sampler).__name__})"
+    elif not isinstance(sampler, _UNIFORM_SAMPLERS):
+        problem = f"the sampler {type(sampler).__name__}"
+    elif isinstance(sampler, RandomSampler) and (
+        sampler.replacement or sampler._num_samples is not None
+    ):
+        problem = "a RandomSampler with replacement or num_samples"
+    else:
+        return
+    if poisson_sampling:
+        consequence = (
+            "dp_compile replaces the loader's sampling with Poisson sampling of every sample at "
+            "one rate, so it would silently drop this sampler's choices (weights, subsets)"
+        )
+    else:
+        consequence = (
+            "it gives samples different inclusion probabilities (or repeats them), which the "
+            "accountant's single sample rate does not cover: the reported ε would be wrong"
+        )
+    raise ValueError(
+        f"the train loader uses {problem}: {consequence}. Use a plain DataLoader "
+        "(shuffle=True or False) over the data set you want to train on: to train on a "
+        "subset, pass a Subset; to weight samples, weight their losses (clipping still bounds "
+        "each sample's influence)"
+    )
+
+
+def _sample_rate(loader: DataLoader, sample_rate: float | None, dataset_size: int,
+                 steps_per_epoch: int, poisson_sampling: bool) -> float:
+    """The accounted q: given, or the loader's batch size over the dataset size; checked."""
+    implied = None
+    if loader.batch_size is not None:
+        implied = loader.batch_size / dataset_size
+    elif steps_per_epoch:
+        implied = 1 / steps_per_epoch
+    if sample_rate is None:
+        if implied is None:
+            raise ValueError("cannot infer the sample rate from the loader: pass sample_rate=")
+        sample_rate = implied
+    elif implied is not None:
+        if not poisson_sampling and sample_rate < implied * (1 - 1e-9):
+            raise ValueError(
+                f"sample_rate={sample_rate:g} is below the loader's batch_size / len(dataset) = "
+                f"{implied:g}: with poisson_sampling=False the loader's fixed batches include each "
+                "sample at that rate, and accounting a smaller one would under-report ε"
+            )
+        if poisson_sampling and not 0.5 <= sample_rate / implied <= 2:
+            warnings.warn(
+                f"sample_rate={sample_rate:g} differs from the loader's batch_size / len(dataset) "
+                f"= {implied:g}: batches will hold {sample_rate * dataset_size:.4g} samples on "
+                "average and the loader's batch_size is ignored",
+                SampleRateWarning,
+                stacklevel=3,
+            )
+    sample_rate = float(sample_rate)
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if sample_rate * dataset_size < 1:
+        raise ValueError(
+            f"sample_rate={sample_rate:g} over {dataset_size} samples gives an expected batch of "
+            f"{sample_rate * dataset_size:.3g} < 1 sample: most steps would be noise only, and the "
+            "update is divided by this expected size. Use a larger sample_rate"
+        )
+    return sample_rate
 
 
 def _clip_bounds(max_grad_norm: Any, clipping: str, names: list[str]) -> tuple[float | list[float], str]:
@@ -212,7 +336,7 @@ def _clip_bounds(max_grad_norm: Any, clipping: str, names: list[str]) -> tuple[f
 
 
 def _poisson_loader(loader: DataLoader, sample_rate: float, steps: int, max_physical: int | None,
-                    signal: StepSignal, secure: bool) -> DPDataLoader:
+                    signal: StepSignal, secure: bool, privacy: PrivacyState) -> DPDataLoader:
     kwargs: dict[str, Any] = dict(
         num_workers=loader.num_workers,
         pin_memory=loader.pin_memory,
@@ -223,15 +347,16 @@ def _poisson_loader(loader: DataLoader, sample_rate: float, steps: int, max_phys
     )
     if loader.num_workers > 0:
         kwargs["prefetch_factor"] = loader.prefetch_factor
-    generator = secure_generator() if secure else loader.generator
     return DPDataLoader(
         loader.dataset,
         sample_rate=sample_rate,
         collate_fn=loader.collate_fn,
         max_physical_batch_size=max_physical,
-        generator=generator,
+        generator=None if secure else loader.generator,
         steps=steps,
         signal=signal,
+        secure=secure,
+        privacy=privacy,
         **kwargs,
     )
 

@@ -72,6 +72,7 @@ class Engine:
         self.accumulator: dict[str, torch.Tensor] = {}
         self.unclipped_count = 0.0  # samples whose norm was within C (adaptive clipping)
         self.samples_seen = 0  # real samples in the current logical batch
+        self.norm_log: list[torch.Tensor] = []  # per physical batch: real rows' norms (safety checks)
 
     # ---- parameters ----------------------------------------------------------------------
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
@@ -147,7 +148,7 @@ class Engine:
         clipping = "per_layer" if self.state.clipping == "per_layer" else "flat"
         if clipping == "per_layer":
             inputs[-1] = inputs[-1].expand(len(cap.grad_for)).clone()
-        private = private_backward(cap, analysis, clipping, inputs)
+        private = private_backward(cap, analysis, clipping, inputs, nonfinite=self.state.nonfinite)  # type: ignore[arg-type]
         graphs = split(private)
         leaf_dims = []
         output = next(n for n in cap.graph_module.graph.nodes if n.op == "output")
@@ -233,11 +234,13 @@ class Engine:
         if self.state.adaptive is not None and count:
             self.unclipped_count += float((norms <= float(self.state.max_grad_norm)).sum())  # type: ignore[arg-type]
         self.samples_seen += count
+        self.norm_log.append(norms)
 
     def reset(self) -> None:
         self.accumulator.clear()
         self.unclipped_count = 0.0
         self.samples_seen = 0
+        self.norm_log.clear()
 
 
 def pad_rows(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:

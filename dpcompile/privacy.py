@@ -57,6 +57,8 @@ class PrivacyState:
     secure_mode: bool = False
     adaptive: AdaptiveClipping | None = None
     parameter_names: list[str] = field(default_factory=list)
+    max_epsilon: float | None = None  # the budget at target_delta (dpcompile.budget)
+    nonfinite: str = "error"  # a sample with a NaN/Inf gradient: "error" or "drop" it
 
     @property
     def expected_batch_size(self) -> float:
@@ -92,6 +94,19 @@ class PrivacyState:
             raise ValueError("epsilon() needs a delta: pass delta=..., or target_delta to dp_compile")
         return float(self.accountant.epsilon(delta))
 
+    def remaining_steps(self) -> int | None:
+        """Steps left before ε would exceed ``max_epsilon`` (None without a budget)."""
+        from dpcompile.budget import remaining_steps
+
+        return remaining_steps(self)
+
+    @property
+    def budget_exhausted(self) -> bool:
+        """True when one more step would take ε above ``max_epsilon``."""
+        from dpcompile.budget import budget_allows_step
+
+        return not budget_allows_step(self)
+
     def state_dict(self) -> dict[str, Any]:
         adaptive = None
         if self.adaptive is not None:
@@ -108,6 +123,8 @@ class PrivacyState:
             "secure_mode": self.secure_mode,
             "adaptive": adaptive,
             "parameter_names": list(self.parameter_names),
+            "max_epsilon": self.max_epsilon,
+            "nonfinite": self.nonfinite,
             "accountant": self.accountant.state_dict(),
         }
 
@@ -127,14 +144,17 @@ class PrivacyState:
             secure_mode=bool(state.get("secure_mode", False)),
             adaptive=AdaptiveClipping(**adaptive) if adaptive else None,
             parameter_names=list(state.get("parameter_names", [])),
+            max_epsilon=state.get("max_epsilon"),
+            nonfinite=state.get("nonfinite", "error"),
         )
 
     def __repr__(self) -> str:
         eps = ""
         if self.target_delta is not None and self.steps:
             eps = f", epsilon={self.epsilon():.3g} at delta={self.target_delta:g}"
+        budget = f", max_epsilon={self.max_epsilon:g}" if self.max_epsilon is not None else ""
         return (
             f"PrivacyState(noise_multiplier={self.noise_multiplier:g}, max_grad_norm="
             f"{self.max_grad_norm}, sample_rate={self.sample_rate:g}, steps={self.steps}, "
-            f"accountant={self.accountant.name!r}{eps})"
+            f"accountant={self.accountant.name!r}{eps}{budget})"
         )
