@@ -11,6 +11,13 @@ secure mode.
 from dpcompile.api import PoissonSamplingWarning, SampleRateWarning, dp_compile
 from dpcompile.artifact import ArtifactError, ExportedStep, export, load, private_step, save
 from dpcompile.budget import PrivacyBudgetExceeded, PrivacyBudgetWarning
+from dpcompile.checkpoint import (
+    CheckpointError,
+    CheckpointMismatchError,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from dpcompile.data import DPDataLoader, PoissonBatchSampler
 from dpcompile.explanation import Explanation, explain
 from dpcompile.module import PrivateModule
@@ -26,6 +33,8 @@ __all__ = [
     "ArtifactError",
     "BatchMemoryManager",
     "Change",
+    "CheckpointError",
+    "CheckpointMismatchError",
     "DPDataLoader",
     "DPOptimizer",
     "Explanation",
@@ -46,7 +55,10 @@ __all__ = [
     "export",
     "fix",
     "load",
+    "load_checkpoint",
     "private_step",
+    "read_checkpoint",
     "save",
+    "save_checkpoint",
     "validate",
 ]
