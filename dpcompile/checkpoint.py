@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from dpcompile.accounting import accountant_from_state_dict
-from dpcompile.data import DPDataLoader
+from dpcompile.data import DPDataLoader, PoissonBatchSampler
 from dpcompile.module import PrivateModule
 from dpcompile.optimizer import DPOptimizer
 
@@ -171,7 +171,7 @@ def _sampler_state(loader: Any, secure: bool) -> dict[str, Any] | None:
         return None
     if not isinstance(loader, DPDataLoader):
         return {"kind": "external", "secure": secure}
-    sampler = loader.batch_sampler
+    sampler = _poisson_sampler(loader)
     generator_state = None
     if not sampler.secure:
         if loader.consumed_state is not None and loader.consumed_state[0] is sampler.generator:
@@ -388,7 +388,7 @@ def _check_sampler(name: str, saved: dict[str, Any] | None, loader: Any) -> None
             f"{name} has no Poisson sampler state (it was saved without loader=): the stream "
             "of batches cannot be continued; load without loader= to accept a fresh stream"
         )
-    sampler = loader.batch_sampler
+    sampler = _poisson_sampler(loader)
     if (saved["steps"] != sampler.steps or saved["sample_rate"] != sampler.sample_rate
             or saved["num_samples"] != sampler.num_samples):
         raise CheckpointMismatchError(
@@ -401,8 +401,14 @@ def _check_sampler(name: str, saved: dict[str, Any] | None, loader: Any) -> None
         raise CheckpointError(f"{name}: the sampler's generator state is invalid")
 
 
-def _restore_sampler(saved: dict[str, Any], loader: DPDataLoader) -> None:
+def _poisson_sampler(loader: DPDataLoader) -> PoissonBatchSampler:
     sampler = loader.batch_sampler
+    assert isinstance(sampler, PoissonBatchSampler)
+    return sampler
+
+
+def _restore_sampler(saved: dict[str, Any], loader: DPDataLoader) -> None:
+    sampler = _poisson_sampler(loader)
     state = saved.get("generator_state")
     if state is not None and not sampler.secure:
         if sampler.generator is None:

@@ -193,7 +193,7 @@ class DPDataLoader(DataLoader):
             # Draws a previous iterator made ahead (workers prefetch) but never handed out are
             # forgotten: the stream is defined by the batches actually used.
             generator, state = self.consumed_state
-            if generator is sampler.generator and state is not None:
+            if generator is not None and generator is sampler.generator and state is not None:
                 generator.set_state(state)
         sampler.drawn_states.clear()
         resumed = sampler.next_epoch_steps

@@ -222,7 +222,7 @@ class DPOptimizer(Optimizer):
             after = float("inf")
         raise PrivacyBudgetExceeded(
             budget_message(state, "the step was refused and nothing was updated or accounted"),
-            epsilon_after=after, max_epsilon=state.max_epsilon, delta=state.target_delta,
+            epsilon_after=after, max_epsilon=state.max_epsilon, delta=float(state.target_delta or 0.0),
             steps=state.steps,
         )
 

@@ -293,7 +293,8 @@ def _replacement(module: nn.Module, name: str, changes: list[Change]) -> nn.Modu
                               f"GroupNorm({groups}, {channels})"))
         return new
     if isinstance(module, _InstanceNorm) and module.track_running_stats:
-        new_norm = type(module)(module.num_features, eps=module.eps, momentum=module.momentum,
+        momentum = module.momentum if module.momentum is not None else 0.1  # unused without stats
+        new_norm = type(module)(module.num_features, eps=module.eps, momentum=momentum,
                                 affine=module.affine, track_running_stats=False)
         if module.affine:
             new_norm = new_norm.to(device=module.weight.device, dtype=module.weight.dtype)
