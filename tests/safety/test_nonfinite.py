@@ -34,7 +34,8 @@ def poisoned(name, how):
     return x, y, w
 
 
-def run(name, how, *, nonfinite, clipping="flat", physical=None, sigma=0.0, bound=0.5):
+def run(name, how, *, nonfinite, clipping="flat", physical=None, sigma=0.0, bound=0.5,
+        backend="eager"):
     model = model_for(name).to(D)
     x, y, w = poisoned(name, how)
     loader = DataLoader(TensorDataset(x, y, w), batch_size=N)  # q = 1: every sample, every step
@@ -44,7 +45,7 @@ def run(name, how, *, nonfinite, clipping="flat", physical=None, sigma=0.0, boun
         bound = [bound] * sum(p.requires_grad for p in model.parameters())
     private, opt, dl = dpcompile.dp_compile(
         model, opt, loader, noise_multiplier=sigma, max_grad_norm=bound, clipping=clipping,
-        backend="eager", nonfinite=nonfinite, max_physical_batch_size=physical,
+        backend=backend, nonfinite=nonfinite, max_physical_batch_size=physical,
         noise_generator=torch.Generator().manual_seed(0),
     )
     error = None
@@ -113,6 +114,21 @@ def test_drop_policy_with_per_layer_clipping_and_physical_batches(clipping, phys
     bound = dict.fromkeys(names, 0.5) if clipping == "per_layer" else 0.5
     _, clipped = clipped_reference(model, ce, (x[keep],), (y[keep],), bound, clipping)
     for n in names:
+        torch.testing.assert_close(after[n] - before[n], -clipped[n] / N, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.inductor
+def test_drop_policy_under_inductor():
+    model, private, opt, before, error = run("cnn", "input", nonfinite="drop", backend="inductor")
+    assert error is None and opt.dropped_samples == 1
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(before[n])
+    x, y, _ = poisoned("cnn", "input")
+    keep = torch.arange(N) != BAD
+    _, clipped = clipped_reference(model, ce, (x[keep],), (y[keep],), 0.5)
+    for n in after:
         torch.testing.assert_close(after[n] - before[n], -clipped[n] / N, rtol=1e-6, atol=1e-12)
 
 
