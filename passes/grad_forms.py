@@ -16,14 +16,20 @@ included, choosing per parameter between ghost norms and materialization by cost
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 
+from passes.sample_dims import SampleDim
+
 # Materializing more than this many per-sample gradient elements for one parameter is refused
 # in favour of ghost norms, whatever the flop count says (about 1 GiB in float32).
 MATERIALIZE_ELEMENT_LIMIT = 1 << 28
+# Cost model: one tensor element written or read costs about this many flops (memory-bound
+# passes on CPU; a rough figure that ranks the choices right on the benchmark models).
+MEMORY_WEIGHT = 16
 # Up to this many positions per sample, embedding norms use the (T x T) equality trick;
 # beyond it, sorting (sample, index) keys and summing runs is cheaper.
 LOOKUP_GHOST_MAX_POSITIONS = 16
@@ -114,14 +120,8 @@ class Outer(GradForm):
         return self.batch * t * g * r * c, self.batch * g * r * c
 
     def prefers_ghost(self) -> bool:
-        """Ghost O(B·T²·(R+C)) against materialized O(B·T·R·C), memory permitting."""
-        ghost_flops, ghost_mem = self.ghost_cost()
-        mat_flops, mat_mem = self.materialize_cost()
-        if mat_mem > MATERIALIZE_ELEMENT_LIMIT and ghost_mem < mat_mem:
-            return True
-        if ghost_mem > MATERIALIZE_ELEMENT_LIMIT and mat_mem < ghost_mem:
-            return False
-        return ghost_flops <= mat_flops
+        """Ghost O(B·T²·(R+C)) against materialized O(B·T·R·C), memory traffic included."""
+        return _prefers_ghost(self.ghost_cost(), self.materialize_cost())
 
     def sq_norm(self) -> torch.Tensor:
         """Ghost norm: Σ_g Σ_{t,s} ⟨rows_t, rows_s⟩·⟨cols_t, cols_s⟩."""
@@ -142,6 +142,93 @@ class Outer(GradForm):
 
     def compatible(self, other: Outer) -> bool:
         return self.dims[1:] == other.dims[1:] and math.prod(self.shape) == math.prod(other.shape)
+
+
+def _prefers_ghost(ghost: tuple[int, int], materialized: tuple[int, int]) -> bool:
+    """Pick by flops + MEMORY_WEIGHT·elements; never materialize past the memory limit."""
+    (ghost_flops, ghost_mem), (mat_flops, mat_mem) = ghost, materialized
+    if mat_mem > MATERIALIZE_ELEMENT_LIMIT and ghost_mem < mat_mem:
+        return True
+    if ghost_mem > MATERIALIZE_ELEMENT_LIMIT and mat_mem < ghost_mem:
+        return False
+    return ghost_flops + MEMORY_WEIGHT * ghost_mem <= mat_flops + MEMORY_WEIGHT * mat_mem
+
+
+@dataclass
+class Convolution(GradForm):
+    """A convolution's per-sample weight gradients, kept as (input, output gradient).
+
+    Materializing uses the convolution's own backward-weight kernel once, with the samples as
+    groups (input viewed as ``(frames, B·C_in, *S)``, ``groups = B·g``): no unfolded copy of the
+    input. Ghost norms need the unfolded windows (:meth:`as_outer`), worth it when there are few
+    positions per sample.
+    """
+
+    x: torch.Tensor  # (N, C_in, *S_in), N = o·B·i
+    grad: torch.Tensor  # (N, C_out, *S_out)
+    weight_shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    transposed: bool
+    output_padding: tuple[int, ...]
+    groups: int
+    sample: SampleDim
+    batch_size: int
+    shape: tuple[int, ...]
+    rule = "convolution"
+
+    @property
+    def batch(self) -> int:
+        return self.batch_size
+
+    def view(self, shape: tuple[int, ...]) -> GradForm:
+        return dataclasses.replace(self, shape=tuple(shape))
+
+    @property
+    def dims(self) -> tuple[int, int, int, int]:
+        """(T, G, R, C): positions per sample, groups, and the outer-product sides per group."""
+        frames = self.sample.outer * self.sample.inner
+        kernel = math.prod(self.weight_shape[2:])
+        g = self.groups
+        if not self.transposed:
+            positions = math.prod(self.grad.shape[2:])
+            r, c = self.weight_shape[0] // g, self.weight_shape[1] * kernel
+        else:
+            positions = math.prod(self.x.shape[2:])
+            r, c = self.weight_shape[0] // g, self.weight_shape[1] * kernel
+        return frames * positions, g, r, c
+
+    def ghost_cost(self) -> tuple[int, int]:
+        t, g, r, c = self.dims
+        return self.batch * g * t * t * (r + c), self.batch * g * (2 * t * t + t * c)
+
+    def materialize_cost(self) -> tuple[int, int]:
+        t, g, r, c = self.dims
+        return self.batch * t * g * r * c, self.batch * g * r * c
+
+    def prefers_ghost(self) -> bool:
+        return _prefers_ghost(self.ghost_cost(), self.materialize_cost())
+
+    def materialize(self) -> torch.Tensor:
+        b, frames = self.batch, self.sample.outer * self.sample.inner
+
+        def samples_as_channels(t: torch.Tensor) -> torch.Tensor:
+            split = t.unflatten(0, (self.sample.outer, b, self.sample.inner)).transpose(1, 2)
+            return split.reshape(frames, b * t.shape[1], *t.shape[2:])
+
+        weight = self.x.new_empty(b * self.weight_shape[0], *self.weight_shape[1:])
+        per_sample = torch.ops.aten.convolution_backward(
+            samples_as_channels(self.grad), samples_as_channels(self.x), weight, None,
+            list(self.stride), list(self.padding), list(self.dilation), self.transposed,
+            list(self.output_padding), b * self.groups, [False, True, False],
+        )[1]
+        return per_sample.reshape(b, *self.shape)
+
+    def as_outer(self) -> Outer:
+        from passes.per_sample_rules import conv_outer
+
+        return conv_outer(self)
 
 
 def _groups_first(factor: torch.Tensor) -> torch.Tensor:
@@ -283,12 +370,26 @@ def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, N
     Returns (squared norms (B,), the plan, and the dense per-sample gradients when the plan
     materialized all of them — then the clipped sum is a cheap weighted sum of those).
     """
+    plan = NormPlan(strategy="", uses=len(forms), rules=[f.rule for f in forms])
+    plan_parts_conv = ""
+    convolutions = [f for f in forms if isinstance(f, Convolution)]
+    if convolutions and len(forms) == 1:
+        conv = convolutions[0]
+        if not conv.prefers_ghost():
+            plan_parts_conv = "materialized"
+            plan.ghost_flops = conv.ghost_cost()[0]
+            plan.materialized_flops, plan.memory_elements = conv.materialize_cost()
+            plan.flops = plan.materialized_flops
+            forms = [Dense(conv.materialize())]
+        else:
+            forms = [conv.as_outer()]
+    elif convolutions:  # shared with other uses: cross terms go through outer products
+        forms = [f.as_outer() if isinstance(f, Convolution) else f for f in forms]
     outers = [f for f in forms if isinstance(f, Outer)]
     lookups = [f for f in forms if isinstance(f, Lookup)]
     scattered = [f for f in forms if isinstance(f, Scattered)]
     dense = [f.values for f in forms if isinstance(f, Dense)]
-    plan = NormPlan(strategy="", uses=len(forms), rules=[f.rule for f in forms])
-    parts: list[str] = []
+    parts: list[str] = [plan_parts_conv] if plan_parts_conv else []
 
     outer: Outer | None = None
     if outers:
