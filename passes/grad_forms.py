@@ -31,8 +31,9 @@ MATERIALIZE_ELEMENT_LIMIT = 1 << 28
 # passes on CPU; a rough figure that ranks the choices right on the benchmark models).
 MEMORY_WEIGHT = 16
 # Up to this many positions per sample, embedding norms use the (T x T) equality trick;
-# beyond it, sorting (sample, index) keys and summing runs is cheaper.
-LOOKUP_GHOST_MAX_POSITIONS = 16
+# beyond it, sorting (sample, index) keys and summing runs is cheaper (measured with Inductor at
+# B=256, D=100: T=64 1.2 ms against 5.0 ms; T=256 33 ms against 20 ms).
+LOOKUP_GHOST_MAX_POSITIONS = 128
 
 
 class GradForm:

@@ -35,14 +35,13 @@ GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 def _scan_forward(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
                   b_hh: torch.Tensor, mode: str) -> tuple[torch.Tensor, ...]:
-    """The recurrence, time-major inside (contiguous per-step slices, in-place activations)."""
-    steps = gates_x.shape[1]
+    """The recurrence over time-major (T, B, G·H) input gates: contiguous per-step slices,
+    in-place activations."""
+    steps = gates_x.shape[0]
     hidden = h0.shape[-1]
     w_t = w_hh.t()
-    if mode == "gru":
-        gx = gates_x.transpose(0, 1).contiguous()  # (T, B, 3H); b_hh sits inside r·(W_hn h + b_hn)
-    else:
-        gx = (gates_x + b_hh).transpose(0, 1).contiguous()  # (T, B, G·H)
+    # GRU's b_hh sits inside r·(W_hn h + b_hn); the others add it to the input gates.
+    gx = gates_x.contiguous() if mode == "gru" else gates_x + b_hh
     gates = torch.empty_like(gx)  # activated gates, saved for backward
     out = gx.new_empty(steps, gx.shape[1], hidden)
     cells = torch.empty_like(out)  # LSTM: c_t; GRU: W_hn h + b_hn
@@ -70,17 +69,15 @@ def _scan_forward(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_h
             out[t] = act
             h = out[t]
     c_last = c.clone() if mode == "lstm" else torch.zeros_like(h0)
-    batch_major = lambda t: t.transpose(0, 1).contiguous()  # noqa: E731
-    return batch_major(out), h.clone(), c_last, batch_major(gates), batch_major(cells)
+    return out, h.clone(), c_last, gates, cells
 
 
 def _scan_backward(d_out: torch.Tensor, d_h: torch.Tensor, d_c: torch.Tensor, gates: torch.Tensor,
                    cells: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, out: torch.Tensor,
                    w_hh: torch.Tensor, mode: str) -> tuple[torch.Tensor, ...]:
-    """Backpropagation through time, time-major inside."""
-    steps = out.shape[1]
-    time_major = lambda t: t.transpose(0, 1).contiguous()  # noqa: E731
-    d_out, gates, cells, out = time_major(d_out), time_major(gates), time_major(cells), time_major(out)
+    """Backpropagation through time over time-major tensors."""
+    steps = out.shape[0]
+    d_out = d_out.contiguous()
     d_gates_x = torch.empty_like(gates)
     d_gates_h = torch.empty_like(gates) if mode == "gru" else d_gates_x
     dh = d_h.clone()
@@ -122,25 +119,26 @@ def _scan_backward(d_out: torch.Tensor, d_h: torch.Tensor, d_c: torch.Tensor, ga
             else:
                 torch.mul(dh, (h > 0).to(dh.dtype), out=dx)
             dh = dx @ w_hh
-    batch_major = lambda t: t.transpose(0, 1).contiguous()  # noqa: E731
     # Only GRU's recurrent gate gradients differ from the input ones; otherwise return nothing.
-    d_gates_h = batch_major(d_gates_h) if mode == "gru" else d_gates_x.new_empty(0)
-    return batch_major(d_gates_x), d_gates_h, dh, dc
+    if mode != "gru":
+        d_gates_h = d_gates_x.new_empty(0)
+    return d_gates_x, d_gates_h, dh, dc
 
 
 @torch.library.custom_op("dpcompile::rnn_scan", mutates_args=())
 def rnn_scan(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
              b_hh: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One RNN layer in one direction over (B, T, G·H) precomputed input gates."""
+    """One RNN layer in one direction over time-major (T, B, G·H) precomputed input gates;
+    returns (out (T, B, H), h_T, c_T, activated gates, cells) — the last two saved for backward."""
     return _scan_forward(gates_x, h0, c0, w_hh, b_hh, mode)
 
 
 @rnn_scan.register_fake
 def _(gates_x, h0, c0, w_hh, b_hh, mode):
-    batch, steps, _ = gates_x.shape
+    steps, batch, _ = gates_x.shape
     hidden = h0.shape[-1]
-    out = gates_x.new_empty(batch, steps, hidden)
-    return out, h0.new_empty(h0.shape), c0.new_empty(h0.shape), torch.empty_like(gates_x), gates_x.new_empty(batch, steps, hidden)
+    out = gates_x.new_empty(steps, batch, hidden)
+    return out, h0.new_empty(h0.shape), c0.new_empty(h0.shape), torch.empty_like(gates_x), gates_x.new_empty(steps, batch, hidden)
 
 
 @torch.library.custom_op("dpcompile::rnn_scan_backward", mutates_args=())
@@ -176,7 +174,7 @@ def _backward(ctx: Any, d_out: torch.Tensor | None, d_h: torch.Tensor | None, d_
     if ctx.mode != "gru":
         d_gh = d_gx  # the recurrent gates are the input gates
     hidden = h0.shape[-1]
-    h_prev = torch.cat([h0.unsqueeze(1), out[:, :-1]], 1)
+    h_prev = torch.cat([h0.unsqueeze(0), out[:-1]], 0)  # (T, B, H)
     # Recurrent weight gradients as plain graph ops: one reducing matmul over (B·T) rows.
     d_w_hh = d_gh.reshape(-1, d_gh.shape[-1]).t().mm(h_prev.reshape(-1, hidden))
     d_b_hh = d_gh.sum((0, 1))
@@ -195,7 +193,7 @@ def run_rnn(mode: str, x: torch.Tensor, hx: Any, weights: Sequence[torch.Tensor]
     """What ``torch._VF.<mode>`` computes, with one scan op per layer and direction."""
     directions = 2 if bidirectional else 1
     per_layer = 4 if has_biases else 2
-    seq = x if batch_first else x.transpose(0, 1)  # (B, T, d)
+    seq = x.transpose(0, 1) if batch_first else x  # time-major (T, B, d) between layers
     if mode == "lstm":
         h0_all, c0_all = hx
     else:
@@ -211,18 +209,18 @@ def run_rnn(mode: str, x: torch.Tensor, hx: Any, weights: Sequence[torch.Tensor]
             w_ih, w_hh = w[0], w[1]
             b_ih = w[2] if has_biases else None
             b_hh = w[3] if has_biases else w_hh.new_zeros(w_hh.shape[0])
-            source = layer_input.flip(1) if direction == 1 else layer_input
+            source = layer_input.flip(0) if direction == 1 else layer_input
             gates_x = F.linear(source, w_ih, b_ih)
             h0 = h0_all[k]
             c0 = c0_all[k] if c0_all is not None else torch.zeros_like(h0)
             out, h_last, c_last, _, _ = rnn_scan(gates_x, h0, c0, w_hh, b_hh, mode)
-            outputs.append(out.flip(1) if direction == 1 else out)
+            outputs.append(out.flip(0) if direction == 1 else out)
             h_n.append(h_last)
             c_n.append(c_last)
         layer_input = torch.cat(outputs, -1) if directions == 2 else outputs[0]
         if dropout > 0 and train and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, True)
-    output = layer_input if batch_first else layer_input.transpose(0, 1)
+    output = layer_input.transpose(0, 1) if batch_first else layer_input
     if hidden != h_n[0].shape[-1]:  # pragma: no cover - shapes are checked by nn.RNNBase
         raise AssertionError("hidden size mismatch")
     if mode == "lstm":

@@ -1309,6 +1309,31 @@ def scalar(a: Analysis, node: fx.Node) -> Info:
     return None
 
 
-# The recurrence ops of passes/rnn.py treat each row (sample) on its own.
-SAMPLE_RULES[torch.ops.dpcompile.rnn_scan.default] = batch_leading
-SAMPLE_RULES[torch.ops.dpcompile.rnn_scan_backward.default] = batch_leading
+# The recurrence ops of passes/rnn.py treat each sample on its own: sequences are time-major
+# (T, B, ·), states (B, ·).
+
+
+def _recurrence(a: Analysis, node: fx.Node, sequences: tuple[int, ...], states: tuple[int, ...],
+                outputs: tuple[str, ...]) -> Info:
+    expected = [(k, SampleDim(1)) for k in sequences] + [(k, SampleDim(0)) for k in states]
+    for k, sd in expected:
+        got = a.of(node.args[k])
+        if got is not None and got != sd:
+            return a.mixed(f"runs a recurrence over a layout it was not built for ({got})")
+    out: list[Info] = []
+    for kind, val in zip(outputs, node.meta["val"]):
+        if val.numel() == 0:
+            out.append(None)
+        else:
+            out.append(SampleDim(1) if kind == "sequence" else SampleDim(0))
+    return tuple(out)
+
+
+@register_sample_rule(torch.ops.dpcompile.rnn_scan.default)
+def rnn_scan(a: Analysis, node: fx.Node) -> Info:
+    return _recurrence(a, node, (0,), (1, 2), ("sequence", "state", "state", "sequence", "sequence"))
+
+
+@register_sample_rule(torch.ops.dpcompile.rnn_scan_backward.default)
+def rnn_scan_backward(a: Analysis, node: fx.Node) -> Info:
+    return _recurrence(a, node, (0, 3, 4, 7), (1, 2, 5, 6), ("sequence", "sequence", "state", "state"))

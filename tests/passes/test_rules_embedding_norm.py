@@ -43,10 +43,12 @@ def test_embedding(batch, vocab, seq, padding):
 
 
 def test_embedding_long_sequence_uses_sorted_runs():
-    """Beyond 16 positions the norm sums runs of sorted (sample, row) keys."""
+    """Beyond LOOKUP_GHOST_MAX_POSITIONS positions the norm sums runs of sorted (sample, row) keys."""
+    from passes.grad_forms import LOOKUP_GHOST_MAX_POSITIONS
+
     torch.manual_seed(0)
     model = Pool(nn.Embedding(7, 5), 5).to(D)
-    x = torch.randint(0, 7, (3, 40))  # many repeats
+    x = torch.randint(0, 7, (3, LOOKUP_GHOST_MAX_POSITIONS + 20))  # many repeats
     assert_matches_reference(model, x)
 
 
