@@ -17,7 +17,10 @@ wrote (unnoised clipped sums, never to be used) are cleared, and neither the par
 wrapped optimizer's state nor the accountant change. Noise is drawn eagerly: on CPU, Inductor's
 compiled ``randn`` measured about 6x slower than eager ``torch.randn`` (13 ms vs 2.3 ms for 670k
 normals, torch 2.13, 2 cores), so fusing it into the compiled graph would slow every step. It is
-drawn in one call for all parameters and added with the multi-tensor ``_foreach`` kernels.
+drawn in one call for all parameters and added with the multi-tensor ``_foreach`` kernels. The
+wrapped optimizer's update stays eager too: compiling it measured 0.3 ms (SGD with momentum) and
+0.5 ms (Adam) faster on the 670k-parameter MLP, against a 2.6-2.9 ms noise-and-update phase of
+which 1.6 ms is drawing the normals, for ~10 s of extra compile time — not worth it on CPU.
 """
 
 from __future__ import annotations
