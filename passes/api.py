@@ -100,13 +100,13 @@ class PerSampleGradients:
         max_grad_norm: float | Sequence[float] | Mapping[str, float] | torch.Tensor,
         mask: torch.Tensor | None = None,
     ) -> PerSampleResult:
-        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        targets = tuple(targets) if isinstance(targets, (tuple, list)) else (targets,)
-        if _batch_size(inputs, self.batch_dim) == 1:
+        batch_inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        batch_targets = tuple(targets) if isinstance(targets, (tuple, list)) else (targets,)
+        if _batch_size(batch_inputs, self.batch_dim) == 1:
             # A batch of one is ambiguous to the analysis (size-1 dimensions can be reshaped
             # anywhere): run two copies with the second masked out.
-            return self._single(inputs, targets, max_grad_norm, mask)
-        step = self.compile(inputs, targets)
+            return self._single(batch_inputs, batch_targets, max_grad_norm, mask)
+        step = self.compile(batch_inputs, batch_targets)
         cap = step.capture
         named = dict(self.model.named_parameters())
         buffers = dict(self.model.named_buffers())
@@ -124,7 +124,8 @@ class PerSampleGradients:
             *(named[n].detach() for n in cap.trainable),
             *(named[n].detach() for n in cap.frozen),
             *(buffers[n] for n in cap.buffers),
-            *(t for t in (*inputs, *targets)),
+            *batch_inputs,
+            *batch_targets,
             *seeds,
             mask_t,
             clip,

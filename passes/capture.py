@@ -226,7 +226,8 @@ def capture(
             "sample with a masked copy (PerSampleGradients does this)"
         )
 
-    trainable, frozen = [], []
+    trainable: list[str] = []
+    frozen: list[str] = []
     for name, p in model.named_parameters():
         (trainable if p.requires_grad else frozen).append(name)
     if not trainable:
@@ -237,6 +238,7 @@ def capture(
 
     def run_forward(values: dict[str, torch.Tensor], batch_values: Sequence[torch.Tensor]) -> Any:
         model_inputs = batch_values[: len(inputs)]
+        kwargs: dict[str, Any]
         if arguments is None:
             args, kwargs = tuple(model_inputs), {}
         else:
@@ -297,7 +299,7 @@ def capture(
                 allow_unused=True,
             )
         else:
-            grads = (None,) * n_train
+            grads = (None,) * n_train  # type: ignore[assignment]
         grad_for.clear()
         grad_for.extend(k for k, g in enumerate(grads) if g is not None)
         return (*out_leaves, *(g for g in grads if g is not None))

@@ -419,14 +419,15 @@ def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, N
 
     lookup: Lookup | None = None
     if lookups:
-        lookup = lookups[0]
-        for other in lookups[1:]:
-            lookup = Lookup(
-                torch.cat([lookup.index, other.index], 1),
-                torch.cat([lookup.cols, other.cols], 1),
-                lookup.num_rows,
-                lookup.shape,
+        joined = lookups[0]
+        for more in lookups[1:]:
+            joined = Lookup(
+                torch.cat([joined.index, more.index], 1),
+                torch.cat([joined.cols, more.cols], 1),
+                joined.num_rows,
+                joined.shape,
             )
+        lookup = joined
         parts.append("embedding")
     if scattered:
         if len(forms) > 1:

@@ -130,7 +130,8 @@ def rnn_scan(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: to
              b_hh: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One RNN layer in one direction over time-major (T, B, G·H) precomputed input gates;
     returns (out (T, B, H), h_T, c_T, activated gates, cells) — the last two saved for backward."""
-    return _scan_forward(gates_x, h0, c0, w_hh, b_hh, mode)
+    out, h_last, c_last, gates, cells = _scan_forward(gates_x, h0, c0, w_hh, b_hh, mode)
+    return out, h_last, c_last, gates, cells
 
 
 @rnn_scan.register_fake
@@ -147,7 +148,8 @@ def rnn_scan_backward(d_out: torch.Tensor, d_h: torch.Tensor, d_c: torch.Tensor,
                       w_hh: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backpropagation through time: (d gates_x, d gates_h (B, T, G·H), d h0, d c0); d gates_h is
     empty unless mode is "gru" (elsewhere it equals d gates_x)."""
-    return _scan_backward(d_out, d_h, d_c, gates, cells, h0, c0, out, w_hh, mode)
+    d_gates_x, d_gates_h, d_h0, d_c0 = _scan_backward(d_out, d_h, d_c, gates, cells, h0, c0, out, w_hh, mode)
+    return d_gates_x, d_gates_h, d_h0, d_c0
 
 
 @rnn_scan_backward.register_fake

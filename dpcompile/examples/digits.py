@@ -96,18 +96,18 @@ def main(args: argparse.Namespace) -> int:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     loader = DataLoader(train_set, batch_size=args.batch_size)
     start = time.perf_counter()
-    model, optimizer, loader = dpcompile.dp_compile(
+    private_model, private_optimizer, private_loader = dpcompile.dp_compile(
         model, optimizer, loader, target_epsilon=args.epsilon, target_delta=args.delta,
         epochs=args.epochs, max_grad_norm=args.max_grad_norm, backend=args.backend,
     )
     compile_seconds = time.perf_counter() - start
-    privacy = model.privacy
+    privacy = private_model.privacy
     print(
         f"dp_compile: {compile_seconds:.1f} s (trace, rewrite, {args.backend}); "
         f"noise multiplier {privacy.noise_multiplier:.3f} for ε={args.epsilon} at δ={args.delta}, "
         f"sample rate {privacy.sample_rate:.4f}"
     )
-    history = train(model, optimizer, loader, args.epochs, "private", test_set,
+    history = train(private_model, private_optimizer, private_loader, args.epochs, "private", test_set,
                     lambda e: f"  ε = {privacy.epsilon(args.delta):.2f}")
 
     print()
@@ -116,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
     mean = lambda h: sum(r["seconds"] for r in h[1:] or h) / len(h[1:] or h)  # noqa: E731
     print(f"| non-private | {base_history[-1]['accuracy']:.2%} | ∞ | {mean(base_history):.3f} |")
     print(f"| dpcompile | {history[-1]['accuracy']:.2%} | {privacy.epsilon(args.delta):.2f} | {mean(history):.3f} |")
-    print(f"compiled graph pairs over {args.epochs} epochs of Poisson batches: {model.compiled_graph_count}")
+    print(f"compiled graph pairs over {args.epochs} epochs of Poisson batches: {private_model.compiled_graph_count}")
     return 0
 
 
