@@ -70,6 +70,38 @@ def per_sample_form(ctx: RuleContext, node: fx.Node, index: int | None) -> GradF
     return form
 
 
+ChainRule = Callable[[RuleContext, fx.Node, dict[fx.Node, torch.Tensor]], "GradForm | None"]
+CHAIN_RULES: dict[Any, ChainRule] = {}
+
+
+def chain_form(ctx: RuleContext, node: fx.Node, batched: dict[fx.Node, torch.Tensor]) -> GradForm | None:
+    """A form for ``node`` applied to per-sample values (B, …) of its gradient inputs, when a
+    chain rule knows better than evaluating it per sample (None: use vmap)."""
+    rule = CHAIN_RULES.get(node.target)
+    return rule(ctx, node, batched) if rule is not None else None
+
+
+def _embedding_of_per_sample(ctx: RuleContext, node: fx.Node, batched: dict[fx.Node, torch.Tensor]) -> GradForm | None:
+    """embedding_dense_backward of per-sample gradients with shared indices (learned position
+    embeddings: every sample looks up the same rows): a lookup, never a dense (B, V, D) table."""
+    grad_node, indices_node = node.args[:2]
+    if grad_node not in batched or ctx.sample_dim(indices_node) is not None:
+        return None
+    indices = ctx.value(indices_node)
+    grad = batched[grad_node]  # (B, *indices.shape, D)
+    num_weights, padding_idx = int(node.args[2]), int(node.args[3])
+    rows = indices.reshape(1, -1).expand(ctx.batch, -1)
+    cols = grad.reshape(ctx.batch, rows.shape[1], grad.shape[-1])
+    if padding_idx >= 0:
+        cols = cols * (rows != padding_idx).unsqueeze(-1).to(cols.dtype)
+    form = Lookup(rows, cols, num_weights, (num_weights, int(grad.shape[-1])))
+    form.rule = "embedding"
+    return form
+
+
+CHAIN_RULES[aten.embedding_dense_backward.default] = _embedding_of_per_sample
+
+
 def vmap_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> GradForm:
     """Fallback for any op: evaluate it once per sample with torch.vmap."""
     form = Dense(vmap_node(ctx, node, index, {}))

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_map
 from passes.capture import Capture, decomposition_table
 from passes.errors import DPCompileError
 from passes.grad_forms import Dense, GradForm, NormPlan, combine_sq_norms, fallback_rule
-from passes.per_sample_rules import RuleContext, per_sample_form, vmap_node
+from passes.per_sample_rules import RuleContext, chain_form, per_sample_form, vmap_node
 from passes.sample_dims import Analysis, SampleDim
 from passes.samples import scale_samples, zero_samples
 
@@ -194,6 +194,9 @@ class _Rewriter:
             for d in dense[1:]:
                 total = total + d
             batched[arg] = total
+        chained = chain_form(ctx, node, batched)
+        if chained is not None:
+            return [chained]
         form = Dense(vmap_node(ctx, node, None, batched))
         form.rule = fallback_rule(rules, node.target)
         return [form]

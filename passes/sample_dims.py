@@ -131,6 +131,8 @@ class Analysis:
         """The current node sums ``carrier``'s samples: a reducing node in the backward."""
         node = self._current
         assert node is not None
+        if not isinstance(self.info.get(carrier), SampleDim):
+            return None  # nothing to sum over: the samples were summed upstream
         if node in self.tangent and carrier in self.tangent:
             self.reducing[(node, index)] = carrier
             return None
