@@ -118,6 +118,11 @@ class DPOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.original_optimizer.zero_grad(set_to_none)
 
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """Opacus's hook for physical batches: the next ``step()`` only accumulates when true
+        (what ``opacus.utils.batch_memory_manager.BatchMemoryManager`` calls)."""
+        self.signal.end_of_logical_batch = not do_skip
+
     def __repr__(self) -> str:
         return f"DPOptimizer({self.original_optimizer!r}, privacy={self.engine.state!r})"
 

@@ -122,3 +122,27 @@ def test_batch_memory_manager():
             optimizer.step()
     assert private.privacy.steps == len(dl)
     assert physical > len(dl)
+
+
+def test_opacus_batch_memory_manager_drives_our_optimizer():
+    """A script that keeps `from opacus.utils.batch_memory_manager import BatchMemoryManager`."""
+    opacus_bmm = pytest.importorskip("opacus.utils.batch_memory_manager")
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    data = TensorDataset(torch.randn(64, 4, dtype=torch.float64), torch.randint(0, 3, (64,)))
+    engine = dpcompile.PrivacyEngine()
+    private, optimizer, dl = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=32), noise_multiplier=1.0, max_grad_norm=1.0,
+        backend="eager",
+    )
+    physical = 0
+    with opacus_bmm.BatchMemoryManager(data_loader=dl, max_physical_batch_size=5, optimizer=optimizer) as batches:
+        for x, y in batches:
+            assert len(x) <= 5
+            physical += 1
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(private(x), y).backward()
+            optimizer.step()
+    assert private.privacy.steps == len(dl)
+    assert physical > len(dl)
