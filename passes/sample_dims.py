@@ -1208,6 +1208,48 @@ def _index_layout(rank: int, indexed: list[int], index_rank: int) -> Callable[[i
     return where
 
 
+_ARANGE_VIEWS = {
+    aten.view.default, aten.unsqueeze.default, aten.expand.default, aten.clone.default,
+    aten._to_copy.default, aten.alias.default, aten.reshape.default,
+}
+
+
+def _batch_arange(a: Analysis, t: Any) -> int | None:
+    """If ``t`` is ``arange(B)`` (possibly reshaped or expanded), the dimension holding it."""
+    node = t
+    while isinstance(node, fx.Node) and node.target in _ARANGE_VIEWS:
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or node.target not in (
+        aten.arange.default, aten.arange.start, aten.arange.start_step,
+    ):
+        return None
+    args = [x for x in node.args if not isinstance(x, fx.Node)]
+    if node.target is aten.arange.default:
+        start, end, step = 0, args[0], 1
+    else:
+        start, end, step = (list(args) + [1])[:3]
+    if (start, end, step) != (0, a.batch_size, 1):
+        return None
+    sizes = [k for k, size in enumerate(a.shape(t)) if size == a.batch_size]
+    return sizes[0] if len(sizes) == 1 else None
+
+
+def _index_infos(a: Analysis, x: fx.Node, indices: Sequence[Any]) -> list[Info] | Mixed:
+    """Sample structure of each index tensor; ``arange(B)`` at the batch dimension of ``x``
+    selects every sample's own row (``logp[torch.arange(B), y]``) and carries the samples."""
+    sx = a.of(x)
+    infos: list[Info] = []
+    for k, t in enumerate(indices):
+        info = a.of(t) if t is not None else None
+        if isinstance(sx, SampleDim) and k == sx.dim:
+            dim = _batch_arange(a, t)
+            if dim is None or (sx.outer, sx.inner) != (1, 1):
+                return a.mixed("indexes the batch dimension with an index tensor")
+            info = SampleDim(dim)
+        infos.append(info)
+    return infos
+
+
 @register_sample_rule(aten.index.Tensor, aten._unsafe_index.Tensor)
 def index(a: Analysis, node: fx.Node) -> Info:
     x, indices = node.args[:2]
@@ -1215,15 +1257,15 @@ def index(a: Analysis, node: fx.Node) -> Info:
     indexed = [k for k, t in enumerate(indices) if t is not None]
     index_rank = len(a.shape(node)) - (rank - len(indexed))
     where = _index_layout(rank, indexed, index_rank)
+    infos = _index_infos(a, x, indices)
+    if isinstance(infos, Mixed):
+        return infos
     cands: list[Info] = []
     sx = a.of(x)
-    if isinstance(sx, SampleDim):
-        if sx.dim in indexed:
-            return a.mixed("indexes the batch dimension with an index tensor")
+    if isinstance(sx, SampleDim) and sx.dim not in indexed:
         cands.append(sx.moved(where(sx.dim)))
     offset = indexed[0] if indexed == list(range(indexed[0], indexed[-1] + 1)) else 0
-    for t in indices:
-        st = a.of(t)
+    for t, st in zip(indices, infos):
         if isinstance(st, SampleDim):
             cands.append(st.moved(st.dim + index_rank - len(a.shape(t)) + offset))
     return _agree(a, cands)
@@ -1234,6 +1276,12 @@ def index_put(a: Analysis, node: fx.Node) -> Info:
     x, indices, values = node.args[:3]
     rank = len(a.shape(x))
     indexed = [k for k, t in enumerate(indices) if t is not None]
+    aranged = [k for k, t in enumerate(indices) if t is not None and _batch_arange(a, t) is not None
+               and a.shape(x)[k] == a.batch_size]
+    if aranged and a.of(x) in (None, SampleDim(aranged[0])):
+        # Writing every sample's values back into its own row (the backward of x[arange(B), y]).
+        if a.of(values) is not None or a.of(x) is not None:
+            return SampleDim(aranged[0])
     if any(isinstance(a.of(t), SampleDim) for t in indices if t is not None):
         sx = a.of(x)
         sv = a.of(values)

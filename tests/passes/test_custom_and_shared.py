@@ -1,5 +1,6 @@
 """Custom layers (no registration) and parameters used more than once."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -168,3 +169,28 @@ def test_frozen_parameters_get_no_gradient():
     model[0].weight.requires_grad_(False)
     compiled = assert_matches_reference(model, torch.randn(3, 3, dtype=D))
     assert "0.weight" not in compiled.plans()
+
+
+def test_loss_written_with_arange_indexing():
+    """-log p[arange(B), y]: indexing the batch dimension with arange(B) keeps samples apart."""
+
+    def nll(out, y):
+        logp = torch.log_softmax(out, 1)
+        return -logp[torch.arange(out.shape[0]), y]
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(D)
+    assert_matches_reference(model, torch.randn(5, 4, dtype=D), torch.randint(0, 3, (5,)), nll)
+
+
+def test_indexing_the_batch_with_anything_else_is_rejected():
+    from passes import PerSampleGradients, SampleMixingError
+
+    def first_sample_loss(out, y):
+        return out[torch.zeros(out.shape[0], dtype=torch.long), y]
+
+    model = nn.Linear(4, 3).to(D)
+    with pytest.raises(SampleMixingError, match="index"):
+        PerSampleGradients(model, first_sample_loss, backend="eager")(
+            torch.randn(5, 4, dtype=D), torch.randint(0, 3, (5,)), max_grad_norm=1.0
+        )
