@@ -1241,7 +1241,7 @@ def _index_infos(a: Analysis, x: fx.Node, indices: Sequence[Any]) -> list[Info] 
     infos: list[Info] = []
     for k, t in enumerate(indices):
         info = a.of(t) if t is not None else None
-        if isinstance(sx, SampleDim) and k == sx.dim:
+        if t is not None and isinstance(sx, SampleDim) and k == sx.dim:
             dim = _batch_arange(a, t)
             if dim is None or (sx.outer, sx.inner) != (1, 1):
                 return a.mixed("indexes the batch dimension with an index tensor")
