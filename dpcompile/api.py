@@ -85,6 +85,8 @@ def dp_compile(
     generators seeded by the operating system's CSPRNG (see ``dpcompile.noise``).
     """
     _check_types(model, optimizer, train_loader)
+    # A torch.compile'd model: dpcompile traces and compiles the module itself.
+    model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give exactly one of noise_multiplier and target_epsilon")
     if loss_reduction not in ("mean", "sum"):

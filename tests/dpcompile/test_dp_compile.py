@@ -238,3 +238,17 @@ def test_training_in_eval_mode_is_still_private():
     for n in start:
         torch.testing.assert_close(after[n] - start[n], -clipped[n] / private.privacy.expected_batch_size,
                                    rtol=1e-6, atol=1e-10)
+
+
+def test_a_torch_compiled_model_is_unwrapped():
+    torch.manual_seed(0)
+    model = model_for("mlp")
+    compiled = torch.compile(model)
+    loader = DataLoader(TensorDataset(*dataset_for("mlp")), batch_size=10)
+    private, opt, dl = dpcompile.dp_compile(compiled, torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                                            noise_multiplier=1.0, backend="eager")
+    assert private.module is model
+    bx, by = next(iter(dl))
+    F.cross_entropy(private(bx), by).backward()
+    opt.step()
+    assert private.privacy.steps == 1
