@@ -5,7 +5,7 @@
 See ``dp_compile`` and the Opacus-compatible ``PrivacyEngine``; ``export`` / ``save`` / ``load``
 turn the private training step into a portable torch.export artifact, ``explain`` shows what the
 compiler did to each parameter; docs/safety.md covers validation, budgets, checkpoints and
-secure mode.
+secure mode; docs/distributed.md covers training across ranks with torch.distributed.
 """
 
 from dpcompile.api import PoissonSamplingWarning, SampleRateWarning, dp_compile
@@ -19,6 +19,11 @@ from dpcompile.checkpoint import (
     save_checkpoint,
 )
 from dpcompile.data import DPDataLoader, PoissonBatchSampler
+from dpcompile.distributed import (
+    DistributedSetupError,
+    DistributedStepRefused,
+    ShardedPoissonBatchSampler,
+)
 from dpcompile.explanation import Explanation, explain
 from dpcompile.module import PrivateModule
 from dpcompile.opacus_compat import BatchMemoryManager, PrivacyEngine
@@ -37,6 +42,8 @@ __all__ = [
     "CheckpointMismatchError",
     "DPDataLoader",
     "DPOptimizer",
+    "DistributedSetupError",
+    "DistributedStepRefused",
     "Explanation",
     "ExportedStep",
     "ModelValidationError",
@@ -50,6 +57,7 @@ __all__ = [
     "PrivateModule",
     "Problem",
     "SampleRateWarning",
+    "ShardedPoissonBatchSampler",
     "dp_compile",
     "explain",
     "export",

@@ -12,10 +12,18 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils._pytree import tree_flatten
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
 
 from dpcompile.accounting import available_accountants, create_accountant, get_noise_multiplier
 from dpcompile.budget import check_budget_argument, epsilon_after
 from dpcompile.data import DPDataLoader, PhysicalBatches, StepSignal
+from dpcompile.distributed import (
+    DistributedJob,
+    ShardedPoissonBatchSampler,
+    distributed_job,
+    local_expected_batch_size,
+)
+from dpcompile.distributed import steps_per_epoch as job_steps_per_epoch
 from dpcompile.engine import Engine
 from dpcompile.module import PrivateModule
 from dpcompile.noise import NoiseSource
@@ -34,7 +42,7 @@ class SampleRateWarning(UserWarning):
 
 
 # Samplers that only order the data set: uniform over all samples, each sample once per epoch.
-_UNIFORM_SAMPLERS = (SequentialSampler, RandomSampler)
+_UNIFORM_SAMPLERS = (SequentialSampler, RandomSampler, DistributedSampler)
 
 
 def dp_compile(
@@ -60,6 +68,8 @@ def dp_compile(
     adaptive_clipping: AdaptiveClipping | dict[str, float] | None = None,
     max_epsilon: float | None = None,
     nonfinite: str = "error",
+    distributed: bool | None = None,
+    process_group: Any = None,
 ) -> tuple[PrivateModule, DPOptimizer, Any]:
     """Make ``model``, ``optimizer`` and ``train_loader`` train with DP-SGD.
 
@@ -83,10 +93,19 @@ def dp_compile(
     policy for a sample whose gradient is NaN/Inf: ``"error"`` (refuse the step) or ``"drop"``
     (that sample contributes nothing). ``secure_mode=True`` draws noise and batches from
     generators seeded by the operating system's CSPRNG (see ``dpcompile.noise``).
+
+    Distributed training (docs/distributed.md): a model wrapped in ``DistributedDataParallel``,
+    or ``distributed=True`` with an initialised process group (``process_group`` picks one),
+    trains one private model across the ranks: each rank clips its Poisson shard, the clipped
+    sums are summed across ranks, noise is added once for the whole job, and the update is
+    divided by the global expected batch size. The loader's ``batch_size`` is then per rank
+    (the global expected batch is ``world_size`` times it), as with a ``DistributedSampler``.
     """
     _check_types(model, optimizer, train_loader)
     # A torch.compile'd model: dpcompile traces and compiles the module itself.
     model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
+    model, job = distributed_job(model, distributed, process_group)
+    world_size = job.world_size if job is not None else 1
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give exactly one of noise_multiplier and target_epsilon")
     if loss_reduction not in ("mean", "sum"):
@@ -132,7 +151,9 @@ def dp_compile(
     _check_sampler(train_loader, poisson_sampling)
     steps_per_epoch = len(train_loader)
     sample_rate = _sample_rate(train_loader, sample_rate, dataset_size, steps_per_epoch,
-                               poisson_sampling)
+                               poisson_sampling, world_size)
+    if job is not None:
+        steps_per_epoch = job_steps_per_epoch(sample_rate)
 
     if target_epsilon is not None:
         if epochs is None or epochs <= 0:
@@ -176,9 +197,12 @@ def dp_compile(
                 f"δ={target_delta:g} with noise_multiplier={noise_multiplier:g}, sample_rate="
                 f"{sample_rate:g}): no step could be taken; raise the budget or the noise"
             )
+    if job is not None:
+        job.check_same_job(model, _job_settings(state, accountant))
     signal = StepSignal()
     engine = Engine(model, state, backend=backend, batch_dim=batch_dim,  # type: ignore[arg-type]
-                    max_physical_batch_size=max_physical_batch_size)
+                    max_physical_batch_size=max_physical_batch_size,
+                    expected_batch_size=local_expected_batch_size(state.expected_batch_size, job))
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     try:
         _warm_up(engine, dataset)
@@ -194,7 +218,7 @@ def dp_compile(
 
     if poisson_sampling:
         loader: Any = _poisson_loader(train_loader, sample_rate, steps_per_epoch, max_physical_batch_size,
-                                      signal, secure_mode, state)
+                                      signal, secure_mode, state, job)
     else:
         warnings.warn(
             "poisson_sampling=False: the reported ε assumes Poisson sampling and under-reports "
@@ -205,7 +229,8 @@ def dp_compile(
         loader = PhysicalBatches(train_loader, max_physical_batch_size, signal, state)
 
     private_model = PrivateModule(model, engine)
-    private_optimizer = DPOptimizer(optimizer, engine, signal, NoiseSource(secure_mode, noise_generator))
+    private_optimizer = DPOptimizer(optimizer, engine, signal, NoiseSource(secure_mode, noise_generator),
+                                    job)
     return private_model, private_optimizer, loader
 
 
@@ -275,11 +300,12 @@ def _check_sampler(loader: DataLoader, poisson_sampling: bool) -> None:
 
 
 def _sample_rate(loader: DataLoader, sample_rate: float | None, dataset_size: int,
-                 steps_per_epoch: int, poisson_sampling: bool) -> float:
-    """The accounted q: given, or the loader's batch size over the dataset size; checked."""
+                 steps_per_epoch: int, poisson_sampling: bool, world_size: int = 1) -> float:
+    """The accounted q: given, or the loader's batch size (per rank) times the number of ranks
+    over the dataset size; checked."""
     implied = None
     if loader.batch_size is not None:
-        implied = loader.batch_size / dataset_size
+        implied = min(1.0, loader.batch_size * world_size / dataset_size)
     elif steps_per_epoch:
         implied = 1 / steps_per_epoch
     if sample_rate is None:
@@ -338,7 +364,8 @@ def _clip_bounds(max_grad_norm: Any, clipping: str, names: list[str]) -> tuple[f
 
 
 def _poisson_loader(loader: DataLoader, sample_rate: float, steps: int, max_physical: int | None,
-                    signal: StepSignal, secure: bool, privacy: PrivacyState) -> DPDataLoader:
+                    signal: StepSignal, secure: bool, privacy: PrivacyState,
+                    job: DistributedJob | None = None) -> DPDataLoader:
     kwargs: dict[str, Any] = dict(
         num_workers=loader.num_workers,
         pin_memory=loader.pin_memory,
@@ -359,8 +386,27 @@ def _poisson_loader(loader: DataLoader, sample_rate: float, steps: int, max_phys
         signal=signal,
         secure=secure,
         privacy=privacy,
+        poisson_sampler=None if job is None else ShardedPoissonBatchSampler(
+            len(loader.dataset), sample_rate, steps, rank=job.rank,  # type: ignore[arg-type]
+            world_size=job.world_size, seed=job.seed, secure=secure),
         **kwargs,
     )
+
+
+def _job_settings(state: PrivacyState, accountant: str) -> dict[str, Any]:
+    """What every rank of a distributed job must agree on."""
+    import dpcompile
+
+    return {
+        "noise_multiplier": state.noise_multiplier, "max_grad_norm": state.max_grad_norm,
+        "sample_rate": state.sample_rate, "dataset_size": state.dataset_size,
+        "clipping": state.clipping, "accountant": accountant, "target_delta": state.target_delta,
+        "loss_reduction": state.loss_reduction, "poisson_sampling": state.poisson_sampling,
+        "secure_mode": state.secure_mode, "max_epsilon": state.max_epsilon,
+        "nonfinite": state.nonfinite, "parameter_names": state.parameter_names,
+        "adaptive": None if state.adaptive is None else dict(state.adaptive.__dict__),
+        "dpcompile": dpcompile.__version__, "torch": torch.__version__,
+    }
 
 
 def _warm_up(engine: Engine, dataset: Any) -> None:

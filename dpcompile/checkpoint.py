@@ -45,6 +45,7 @@ from torch import nn
 
 from dpcompile.accounting import accountant_from_state_dict
 from dpcompile.data import DPDataLoader, PoissonBatchSampler
+from dpcompile.distributed import ShardedPoissonBatchSampler, stream_seed
 from dpcompile.module import PrivateModule
 from dpcompile.optimizer import DPOptimizer
 
@@ -83,6 +84,8 @@ def save_checkpoint(path: str | os.PathLike[str], model: PrivateModule, optimize
     ``key`` signs the file with HMAC-SHA-256.
     """
     engine = _engine_of(model, optimizer)
+    if optimizer.job is not None and optimizer.job.rank != 0:
+        return  # one file per job: every rank holds the same model, optimizer and accountant
     if engine.accumulator or engine.samples_seen or not optimizer.signal.end_of_logical_batch:
         raise RuntimeError(
             "save_checkpoint in the middle of a logical batch: the clipped gradient sums of the "
@@ -173,7 +176,13 @@ def _sampler_state(loader: Any, secure: bool) -> dict[str, Any] | None:
         return {"kind": "external", "secure": secure}
     sampler = _poisson_sampler(loader)
     generator_state = None
-    if not sampler.secure:
+    stream = None
+    if isinstance(sampler, ShardedPoissonBatchSampler):
+        # The job's global stream: (seed, next step), the same for every rank and world size.
+        consumed = loader.consumed_state
+        position = int(consumed[1]) if consumed is not None and consumed[1] is not None else sampler.next_draw
+        stream = {"seed": int(sampler.seed), "next_draw": position, "world_size": sampler.world_size}
+    elif not sampler.secure:
         if loader.consumed_state is not None and loader.consumed_state[0] is sampler.generator:
             generator_state = loader.consumed_state[1]
         elif sampler.generator is not None:
@@ -184,6 +193,7 @@ def _sampler_state(loader: Any, secure: bool) -> dict[str, Any] | None:
         "kind": "poisson",
         "secure": bool(sampler.secure),
         "generator_state": generator_state,
+        "stream": stream,
         "position": int(loader.position) % steps if steps else 0,
         "logical_batches": int(loader.logical_batches),
         "steps": steps,
@@ -410,7 +420,20 @@ def _poisson_sampler(loader: DPDataLoader) -> PoissonBatchSampler:
 def _restore_sampler(saved: dict[str, Any], loader: DPDataLoader) -> None:
     sampler = _poisson_sampler(loader)
     state = saved.get("generator_state")
-    if state is not None and not sampler.secure:
+    stream = saved.get("stream")
+    if isinstance(sampler, ShardedPoissonBatchSampler):
+        if stream is not None and not sampler.secure:
+            # Any world size continues the job's global stream of batches.
+            sampler.seed, sampler.next_draw = int(stream["seed"]), int(stream["next_draw"])
+            loader.consumed_state = sampler.stream_state()
+        else:
+            loader.consumed_state = None  # a single-process checkpoint: a fresh job stream
+    elif stream is not None and not sampler.secure:
+        # A distributed job's checkpoint in one plain process: a stream seeded from it.
+        sampler.generator = torch.Generator().manual_seed(
+            stream_seed(int(stream["seed"]), int(stream["next_draw"])))
+        loader.consumed_state = sampler.stream_state()
+    elif state is not None and not sampler.secure:
         if sampler.generator is None:
             sampler.generator = torch.Generator()
         sampler.generator.set_state(state)

@@ -59,7 +59,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.next_epoch_steps: int | None = None  # a resumed epoch's remaining batches, used once
         # Generator state after each draw, oldest first: the loader pops one per batch it hands
         # out, so it knows the state after the last batch actually used (workers draw ahead).
-        self.drawn_states: deque[tuple[torch.Generator | None, torch.Tensor | None]] = deque()
+        self.drawn_states: deque[tuple[Any, torch.Tensor | None]] = deque()
 
     def __len__(self) -> int:
         return self.steps
@@ -76,10 +76,24 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.next_epoch_steps = None
         for _ in range(steps):
             batch = self.draw()
-            generator = self.generator
-            state = generator.get_state() if generator is not None and not self.secure else None
-            self.drawn_states.append((generator, state))
+            self.drawn_states.append(self.stream_state())
             yield batch
+
+    def prepare(self) -> None:
+        """Before an iteration: create the generator (seeded from torch's global one) if none."""
+        if self.generator is None and not self.secure:
+            self.generator = seeded_generator()
+
+    def stream_state(self) -> tuple[Any, torch.Tensor | None]:
+        """Where the stream of batches stands after the last draw (see ``rewind``)."""
+        generator = self.generator
+        return generator, generator.get_state() if generator is not None and not self.secure else None
+
+    def rewind(self, consumed: tuple[Any, torch.Tensor | None]) -> None:
+        """Return the stream to a ``stream_state()``: draws made ahead and never used are undone."""
+        generator, state = consumed
+        if generator is not None and generator is self.generator and state is not None:
+            self.generator.set_state(state)
 
 
 def secure_poisson_indices(num_samples: int, sample_rate: float) -> list[int]:
@@ -165,9 +179,12 @@ class DPDataLoader(DataLoader):
     def __init__(self, dataset: Dataset, *, sample_rate: float, collate_fn: _collate_fn_t | None = None,
                  max_physical_batch_size: int | None = None, generator: torch.Generator | None = None,
                  steps: int | None = None, signal: StepSignal | None = None, secure: bool = False,
-                 privacy: Any = None, **kwargs: Any) -> None:
+                 privacy: Any = None, poisson_sampler: PoissonBatchSampler | None = None,
+                 **kwargs: Any) -> None:
         num_samples = len(dataset)  # type: ignore[arg-type]
-        sampler = PoissonBatchSampler(num_samples, sample_rate, steps, generator, secure=secure)
+        # A distributed job passes its rank's sampler (dpcompile.distributed).
+        sampler = poisson_sampler or PoissonBatchSampler(num_samples, sample_rate, steps, generator,
+                                                         secure=secure)
         base_collate = collate_fn if collate_fn is not None else default_collate
         super().__init__(dataset, batch_sampler=sampler,
                          collate_fn=_EmptyAwareCollate(base_collate, dataset[0]), **kwargs)
@@ -179,7 +196,7 @@ class DPDataLoader(DataLoader):
         self.position = 0  # logical batches handed out in the current epoch
         self.logical_batches = 0  # logical batches handed out in total
         # (generator, state) after the last logical batch handed out
-        self.consumed_state: tuple[torch.Generator | None, torch.Tensor | None] | None = None
+        self.consumed_state: tuple[Any, torch.Tensor | None] | None = None
 
     @property
     def expected_batch_size(self) -> float:
@@ -187,14 +204,11 @@ class DPDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler: PoissonBatchSampler = self.batch_sampler  # type: ignore[assignment]
-        if sampler.generator is None and not sampler.secure:
-            sampler.generator = seeded_generator()
+        sampler.prepare()
         if self.consumed_state is not None:
             # Draws a previous iterator made ahead (workers prefetch) but never handed out are
             # forgotten: the stream is defined by the batches actually used.
-            generator, state = self.consumed_state
-            if generator is not None and generator is sampler.generator and state is not None:
-                generator.set_state(state)
+            sampler.rewind(self.consumed_state)
         sampler.drawn_states.clear()
         resumed = sampler.next_epoch_steps
         self.position = 0 if resumed is None else max(0, sampler.steps - resumed)

@@ -61,13 +61,16 @@ class Engine:
     """Compiles and runs a module's private steps; holds the clipped-sum accumulator."""
 
     def __init__(self, module: nn.Module, state: PrivacyState, *, backend: Backend = "inductor",
-                 batch_dim: int = 0, max_physical_batch_size: int | None = None) -> None:
+                 batch_dim: int = 0, max_physical_batch_size: int | None = None,
+                 expected_batch_size: float | None = None) -> None:
         self.module = module
         self.state = state
         self.backend: Backend = backend
         self.batch_dim = batch_dim
         self.max_physical_batch_size = max_physical_batch_size
-        self.step_size = bucket_step(state.expected_batch_size)
+        # Samples this process sees per step on average: a rank's share in a distributed job.
+        self.expected_batch_size = expected_batch_size or state.expected_batch_size
+        self.step_size = bucket_step(self.expected_batch_size)
         self._steps: dict[tuple[Any, ...], CompiledStep] = {}
         self.accumulator: dict[str, torch.Tensor] = {}
         self.unclipped_count = 0.0  # samples whose norm was within C (adaptive clipping)
@@ -173,7 +176,7 @@ class Engine:
         try:
             tensors, spec, constants = self._flatten_call(args, {})
             count = self.batch_size(tensors)
-            padded = self.padded_size(max(count, round(self.state.expected_batch_size)))
+            padded = self.padded_size(max(count, round(self.expected_batch_size)))
             step = self.compiled_step(tensors, spec, constants, padded)
             batch = [pad_rows(t, self.batch_dim, padded) for t in tensors]
             with torch.no_grad():

@@ -39,6 +39,7 @@ from dpcompile.budget import (
     epsilon_after,
 )
 from dpcompile.data import StepSignal
+from dpcompile.distributed import DistributedJob, DistributedStepRefused
 from dpcompile.engine import Engine
 from dpcompile.noise import NoiseSource
 from dpcompile.validate import ModelValidationError, buffer_update_problems
@@ -51,12 +52,14 @@ class NonFiniteGradientError(FloatingPointError):
 class DPOptimizer(Optimizer):
     """Wraps a torch optimizer; shares its parameter groups and state."""
 
-    def __init__(self, optimizer: Optimizer, engine: Engine, signal: StepSignal, noise: NoiseSource) -> None:
+    def __init__(self, optimizer: Optimizer, engine: Engine, signal: StepSignal, noise: NoiseSource,
+                 job: DistributedJob | None = None) -> None:
         # Deliberately not calling Optimizer.__init__: the wrapped optimizer owns the state.
         self.original_optimizer = optimizer
         self.engine = engine
         self.signal = signal
         self.noise = noise
+        self.job = job  # the distributed job, or None for one process
         self._step_hooks: dict[int, Callable[..., Any]] = {}
         self._checked_graphs: set[int] = set()  # compiled steps whose buffer updates were checked
         self.dropped_samples = 0  # samples dropped for a non-finite gradient (nonfinite="drop")
@@ -146,19 +149,53 @@ class DPOptimizer(Optimizer):
         if not self.signal.end_of_logical_batch:
             return False
         state = self.engine.state
-        self.check_before_release()
-        grads = self.clipped_sums()
-        if state.nonfinite == "drop" and self._dropped_now:
-            self._check_finite_sums(grads)
-        self.add_noise(grads)
+        if self.job is not None:
+            grads, unclipped = self._job_sums()
+        else:
+            self.check_before_release()
+            grads = self.clipped_sums()
+            if state.nonfinite == "drop" and self._dropped_now:
+                self._check_finite_sums(grads)
+            self.add_noise(grads)
+            unclipped = self._noisy_unclipped_count()
         if state.loss_reduction == "mean":
             torch._foreach_div_(grads, state.expected_batch_size)
         for (_, p), g in zip(self.engine.trainable(), grads):
             p.grad = g.to(p.dtype)
-        self._update_clip_bound()
+        self._update_clip_bound(unclipped)
         state.accountant.step(state.noise_multiplier, state.sample_rate)
         self.engine.reset()
         return True
+
+    def _job_sums(self) -> tuple[list[torch.Tensor], float]:
+        """The whole job's clipped sums plus noise drawn once (by rank 0), on every rank, and the
+        job's noisy unclipped count; every rank refuses the step if any rank does."""
+        job = self.job
+        assert job is not None
+        refusal: BaseException | None = None
+        grads: list[torch.Tensor] = []
+        try:
+            self.check_before_release()
+            grads = self.clipped_sums()
+            if self.engine.state.nonfinite == "drop" and self._dropped_now:
+                self._check_finite_sums(grads)
+        except Exception as error:
+            refusal = error
+        count = self.engine.unclipped_count
+        if job.rank == 0 and self.engine.state.adaptive is not None:
+            count += self.engine.state.adaptive.count_noise_std * self.noise.standard_normal()
+        refused, unclipped = job.agree(refusal is not None, count)
+        if refusal is not None:
+            raise refusal  # this rank's own reason; the others raise DistributedStepRefused
+        if refused:
+            self.discard_batch()
+            raise DistributedStepRefused(
+                f"rank(s) {', '.join(map(str, refused))} refused this logical step (see their "
+                "errors: a non-finite gradient, the privacy budget, or a buffer check); no rank "
+                "updated its parameters or its accountant"
+            )
+        job.sum_across_ranks(grads, self.add_noise if job.rank == 0 else None)
+        return grads, unclipped
 
     # ---- checks before anything is released -----------------------------------------------
     def discard_batch(self) -> None:
@@ -234,14 +271,18 @@ class DPOptimizer(Optimizer):
             steps=state.steps,
         )
 
-    def _update_clip_bound(self) -> None:
+    def _noisy_unclipped_count(self) -> float:
+        adaptive = self.engine.state.adaptive
+        if adaptive is None:
+            return 0.0
+        return self.engine.unclipped_count + adaptive.count_noise_std * self.noise.standard_normal()
+
+    def _update_clip_bound(self, noisy_unclipped: float) -> None:
         state = self.engine.state
         adaptive = state.adaptive
         if adaptive is None:
             return
-        expected = state.expected_batch_size
-        noisy = self.engine.unclipped_count + adaptive.count_noise_std * self.noise.standard_normal()
-        fraction = noisy / expected
+        fraction = noisy_unclipped / state.expected_batch_size
         bound = float(state.max_grad_norm)  # type: ignore[arg-type]
         bound *= math.exp(-adaptive.clipbound_learning_rate * (fraction - adaptive.target_unclipped_quantile))
         state.max_grad_norm = min(max(bound, adaptive.min_clipbound), adaptive.max_clipbound)

@@ -1,10 +1,17 @@
 """Train a small CNN on scikit-learn's digits privately and non-privately, side by side.
 
     dpcompile digits [--epsilon 3] [--epochs 15] [--backend inductor]
+    torchrun --nproc-per-node 2 -m dpcompile digits      # the same job on 2 processes (DDP)
 
 The data ships with scikit-learn (1,797 8x8 images; nothing is downloaded). The private run uses
 an unchanged PyTorch training loop after ``dpcompile.dp_compile``; the non-private run is the same
 model, seed and loop without it.
+
+Under torchrun (``WORLD_SIZE`` set) the private run is one distributed job: the process group is
+initialised from torchrun's environment (gloo on CPU, NCCL with CUDA), the model is wrapped in
+DistributedDataParallel, each rank Poisson-samples its shard with a per-rank batch size of
+``--batch-size / world size`` (so the global expected batch stays ``--batch-size``), and only
+rank 0 prints and runs the non-private baseline.
 """
 
 from __future__ import annotations
@@ -55,19 +62,24 @@ def accuracy(model: nn.Module, data: TensorDataset) -> float:
     model.eval()
     with torch.no_grad():
         x, y = data.tensors
+        device = next(model.parameters()).device
+        x, y = x.to(device), y.to(device)
         correct = (model(x).argmax(1) == y).float().mean().item()
     model.train()
     return correct
 
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, epochs: int,
-          label: str, test: TensorDataset, report: Callable[[int], str] = lambda e: "") -> list[dict[str, float]]:
+          label: str, test: TensorDataset, report: Callable[[int], str] = lambda e: "",
+          verbose: bool = True, device: torch.device | None = None) -> list[dict[str, float]]:
     from tqdm import tqdm
 
     history = []
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
-        for x, y in tqdm(loader, desc=f"{label} epoch {epoch}/{epochs}", leave=False):
+        for x, y in tqdm(loader, desc=f"{label} epoch {epoch}/{epochs}", leave=False, disable=not verbose):
+            if device is not None:
+                x, y = x.to(device), y.to(device)
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
@@ -75,26 +87,62 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, epoch
         seconds = time.perf_counter() - start
         acc = accuracy(model, test)
         history.append({"epoch": epoch, "accuracy": acc, "seconds": seconds})
-        print(f"{label:>11} epoch {epoch:2d}: test accuracy {acc:6.2%}  {seconds:6.2f} s{report(epoch)}")
+        if verbose:
+            print(f"{label:>11} epoch {epoch:2d}: test accuracy {acc:6.2%}  {seconds:6.2f} s{report(epoch)}")
     return history
 
 
+def _start_distributed() -> tuple[int, int]:
+    """Join torchrun's job (rank, world size); (0, 1) when not launched by torchrun."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def main(args: argparse.Namespace) -> int:
+    rank, world_size = _start_distributed()
+    try:
+        return _run(args, rank, world_size)
+    finally:
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, rank: int, world_size: int) -> int:
     import dpcompile
 
+    verbose = rank == 0
+    say = print if verbose else (lambda *a, **k: None)
+    device = torch.device("cuda", torch.cuda.current_device()) if world_size > 1 and torch.cuda.is_available() else torch.device("cpu")
     train_set, test_set = load_digits_tensors(args.seed)
-    print(f"digits: {len(train_set)} training and {len(test_set)} test images, batch size {args.batch_size}")
+    say(f"digits: {len(train_set)} training and {len(test_set)} test images, batch size {args.batch_size}"
+        + (f" ({args.batch_size // world_size} per rank on {world_size} ranks)" if world_size > 1 else ""))
+
+    base_history = None
+    if verbose:
+        torch.manual_seed(args.seed)
+        baseline = DigitsCNN()
+        base_opt = torch.optim.SGD(baseline.parameters(), lr=args.lr, momentum=0.9)
+        base_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
+        base_history = train(baseline, base_opt, base_loader, args.epochs, "non-private", test_set)
 
     torch.manual_seed(args.seed)
-    baseline = DigitsCNN()
-    base_opt = torch.optim.SGD(baseline.parameters(), lr=args.lr, momentum=0.9)
-    base_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
-    base_history = train(baseline, base_opt, base_loader, args.epochs, "non-private", test_set)
+    model: nn.Module = DigitsCNN().to(device)
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
 
-    torch.manual_seed(args.seed)
-    model = DigitsCNN()
+        model = DistributedDataParallel(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-    loader = DataLoader(train_set, batch_size=args.batch_size)
+    loader = DataLoader(train_set, batch_size=max(1, args.batch_size // world_size))
     start = time.perf_counter()
     private_model, private_optimizer, private_loader = dpcompile.dp_compile(
         model, optimizer, loader, target_epsilon=args.epsilon, target_delta=args.delta,
@@ -102,14 +150,16 @@ def main(args: argparse.Namespace) -> int:
     )
     compile_seconds = time.perf_counter() - start
     privacy = private_model.privacy
-    print(
+    say(
         f"dp_compile: {compile_seconds:.1f} s (trace, rewrite, {args.backend}); "
         f"noise multiplier {privacy.noise_multiplier:.3f} for ε={args.epsilon} at δ={args.delta}, "
         f"sample rate {privacy.sample_rate:.4f}"
     )
     history = train(private_model, private_optimizer, private_loader, args.epochs, "private", test_set,
-                    lambda e: f"  ε = {privacy.epsilon(args.delta):.2f}")
-
+                    lambda e: f"  ε = {privacy.epsilon(args.delta):.2f}", verbose=verbose, device=device)
+    if not verbose:
+        return 0
+    assert base_history is not None
     print()
     print(f"| run | test accuracy | ε (δ={args.delta:g}) | mean s / epoch |")
     print("|---|---|---|---|")
