@@ -185,7 +185,9 @@ def distributed_job(model: nn.Module, distributed: bool | None,
     from torch.nn.parallel import DistributedDataParallel
 
     _refuse_sharded(model)
-    wrapped = isinstance(model, DistributedDataParallel)
+    # Opacus's DPDDP wrapper (rank 0's parameters broadcast at construction) counts as DDP.
+    wrapped = isinstance(model, DistributedDataParallel) or (
+        type(model).__name__ == "DifferentiallyPrivateDistributedDataParallel")
     if wrapped and distributed is False:
         raise ValueError(
             "the model is wrapped in DistributedDataParallel but distributed=False: pass "
@@ -205,7 +207,7 @@ def distributed_job(model: nn.Module, distributed: bool | None,
     group: Any
     module: nn.Module
     if wrapped:
-        group = process_group if process_group is not None else model.process_group
+        group = process_group if process_group is not None else getattr(model, "process_group", None)
         module = model.module  # type: ignore[assignment]
     else:
         group, module = process_group, model

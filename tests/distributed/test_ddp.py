@@ -127,3 +127,11 @@ def test_checkpoint_written_once_resumes_on_any_world_size(tmp_path) -> None:
     dpcompile.load_checkpoint(path, model, opt, loader)
     assert model.privacy.steps == 2
     assert model.privacy.epsilon(1e-5) == pytest.approx(first["epsilon"], rel=1e-12)
+
+
+def test_an_opacus_distributed_script_runs_with_one_changed_import() -> None:
+    first, second = values(run_ranks("opacus_script", 2))
+    assert first["sample_rate"] == pytest.approx(12 / NUM_SAMPLES)
+    assert first["steps"] == second["steps"] == 4  # one epoch: 1/q logical steps
+    assert np.array_equal(first["params"], second["params"])
+    assert first["epsilon"] == second["epsilon"] > 0

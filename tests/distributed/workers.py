@@ -157,3 +157,25 @@ def dead_rank(rank: int, world: int) -> str:
 
 def world_info(rank: int, world: int) -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), dist.is_initialized()
+
+
+def opacus_script(rank: int, world: int) -> dict[str, Any]:
+    """An Opacus distributed script with one changed import: DPDDP, DistributedSampler, make_private."""
+    from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+    from torch.utils.data.distributed import DistributedSampler
+
+    from dpcompile import PrivacyEngine
+
+    data = build_data()
+    model = DPDDP(build_model(seed=rank))  # DPDDP broadcasts rank 0's parameters
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loader = DataLoader(data, batch_size=6, sampler=DistributedSampler(data))
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(module=model, optimizer=opt, data_loader=loader,
+                                             noise_multiplier=1.0, max_grad_norm=1.0)
+    for x, y, _ in loader:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return {"params": _flat(model).numpy(), "steps": model.privacy.steps,
+            "sample_rate": model.privacy.sample_rate, "epsilon": engine.get_epsilon(1e-5)}
