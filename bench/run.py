@@ -330,10 +330,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-cache", action="store_true", help="keep Inductor's on-disk cache")
     parser.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md and plots/ go")
     parser.add_argument("--notes", type=Path, help="a Markdown file appended to RESULTS.md")
+    parser.add_argument("--report-only", type=Path, metavar="RESULTS_JSON",
+                        help="rewrite RESULTS.md and plots from a results.json (with --notes) without measuring")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         print(json.dumps(memory_child(*json.loads(args.memory_child))))
+        return 0
+    if args.report_only:
+        data = json.loads(args.report_only.read_text())
+        if args.notes:
+            data["notes"] = args.notes.read_text()
+        print(f"wrote {write_report(data, args.out, quick=False)}")
         return 0
 
     import warnings
