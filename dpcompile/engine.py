@@ -134,6 +134,7 @@ class Engine:
         if step is None:
             step = self._compile(tensors, spec, constants, padded)
             self._steps[key] = step
+            release_free_heap()
         return step
 
     def _compile(self, tensors: list[torch.Tensor], spec: TreeSpec, constants: list[Any], padded: int) -> CompiledStep:
@@ -244,6 +245,21 @@ class Engine:
         self.unclipped_count = 0.0
         self.samples_seen = 0
         self.norm_log.clear()
+
+
+def release_free_heap() -> None:
+    """Give the heap that tracing and compiling freed back to the operating system (glibc).
+
+    Tracing and Inductor allocate and free a lot; glibc keeps the freed memory mapped, so after
+    compiling a 2-layer transformer the process measured 1.5 GB resident of which 1.2 GB was free
+    heap (292 MB after ``malloc_trim``). Compiles are rare, so trimming after each costs little.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc (macOS, Windows, musl): nothing to do
 
 
 def pad_rows(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
