@@ -321,6 +321,14 @@ def make_plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
+def _rewrite_report(data: dict[str, Any], args: argparse.Namespace) -> int:
+    """Write RESULTS.md and plots from earlier measurements (with new notes, if given)."""
+    if args.notes:
+        data["notes"] = args.notes.read_text()
+    print(f"wrote {write_report(data, args.out, args.quick)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny workloads, cheap backends: seconds")
@@ -345,11 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_child(*json.loads(args.memory_child))))
         return 0
     if args.report_only:
-        data = json.loads(args.report_only.read_text())
-        if args.notes:
-            data["notes"] = args.notes.read_text()
-        print(f"wrote {write_report(data, args.out, quick=False)}")
-        return 0
+        return _rewrite_report(json.loads(args.report_only.read_text()), args)
 
     import warnings
 
@@ -383,10 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             measured = [s for s in systems if s in data["systems"]]
             cell.setdefault("memory", {}).update(measure_memory(workload, batch, measured, quick, env))
             cell["memory_remeasured"] = datetime.date.today().isoformat()
-        if args.notes:
-            data["notes"] = args.notes.read_text()
-        print(f"wrote {write_report(data, args.out, quick)}")
-        return 0
+        return _rewrite_report(data, args)
     data: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
         "machine": machine_description(),

@@ -149,9 +149,11 @@ def dp_compile(
     if dataset_size < 1:
         raise ValueError("the train loader's dataset is empty")
     _check_sampler(train_loader, poisson_sampling)
+    if job is not None and not poisson_sampling:
+        _check_disjoint_fixed_batches(train_loader, job, dataset_size)
     steps_per_epoch = len(train_loader)
     sample_rate = _sample_rate(train_loader, sample_rate, dataset_size, steps_per_epoch,
-                               poisson_sampling, world_size)
+                               poisson_sampling, _replicas(train_loader, world_size))
     if job is not None:
         steps_per_epoch = job_steps_per_epoch(sample_rate)
 
@@ -198,7 +200,7 @@ def dp_compile(
                 f"{sample_rate:g}): no step could be taken; raise the budget or the noise"
             )
     if job is not None:
-        job.check_same_job(model, _job_settings(state, accountant))
+        job.check_same_job(model, _job_settings(state, accountant, train_loader, poisson_sampling))
     signal = StepSignal()
     engine = Engine(model, state, backend=backend, batch_dim=batch_dim,  # type: ignore[arg-type]
                     max_physical_batch_size=max_physical_batch_size,
@@ -299,13 +301,41 @@ def _check_sampler(loader: DataLoader, poisson_sampling: bool) -> None:
     )
 
 
+def _replicas(loader: DataLoader, world_size: int) -> int:
+    """How many processes share the data set: each sees ``1/replicas`` of it per epoch. A
+    DistributedSampler says so itself (even in a job that is not distributed for dpcompile)."""
+    sampler = loader.sampler
+    return int(sampler.num_replicas) if isinstance(sampler, DistributedSampler) else world_size
+
+
+def _check_disjoint_fixed_batches(loader: DataLoader, job: DistributedJob, dataset_size: int) -> None:
+    """Fixed batches across ranks must partition the data set, or one sample's gradient could
+    enter one step from several ranks (sensitivity above C, ε under-reported)."""
+    sampler = loader.sampler
+    if not isinstance(sampler, DistributedSampler) or sampler.num_replicas != job.world_size \
+            or sampler.rank != job.rank:
+        raise ValueError(
+            "poisson_sampling=False in a distributed job needs a DistributedSampler for this rank "
+            f"(num_replicas={job.world_size}, rank={job.rank}): otherwise ranks may put the same "
+            "sample in the same step and its influence exceeds max_grad_norm. Use "
+            "DataLoader(dataset, batch_size=..., sampler=DistributedSampler(dataset)), or leave "
+            "poisson_sampling=True (dpcompile then shards the data itself)"
+        )
+    if not sampler.drop_last and dataset_size % job.world_size:
+        raise ValueError(
+            f"the DistributedSampler pads {dataset_size} samples to a multiple of "
+            f"{job.world_size} ranks by repeating samples, so a repeated sample would count twice "
+            "in an epoch: pass DistributedSampler(..., drop_last=True)"
+        )
+
+
 def _sample_rate(loader: DataLoader, sample_rate: float | None, dataset_size: int,
-                 steps_per_epoch: int, poisson_sampling: bool, world_size: int = 1) -> float:
-    """The accounted q: given, or the loader's batch size (per rank) times the number of ranks
-    over the dataset size; checked."""
+                 steps_per_epoch: int, poisson_sampling: bool, replicas: int = 1) -> float:
+    """The accounted q: given, or the loader's batch size (per process) times the number of
+    processes sharing the data set over its size; checked."""
     implied = None
     if loader.batch_size is not None:
-        implied = min(1.0, loader.batch_size * world_size / dataset_size)
+        implied = min(1.0, loader.batch_size * replicas / dataset_size)
     elif steps_per_epoch:
         implied = 1 / steps_per_epoch
     if sample_rate is None:
@@ -393,11 +423,17 @@ def _poisson_loader(loader: DataLoader, sample_rate: float, steps: int, max_phys
     )
 
 
-def _job_settings(state: PrivacyState, accountant: str) -> dict[str, Any]:
+def _job_settings(state: PrivacyState, accountant: str, loader: DataLoader,
+                  poisson_sampling: bool) -> dict[str, Any]:
     """What every rank of a distributed job must agree on."""
     import dpcompile
 
+    sampler = loader.sampler
+    # Fixed batches: ranks partition one permutation only if they draw it alike.
+    fixed_batches = None if poisson_sampling or not isinstance(sampler, DistributedSampler) else (
+        sampler.shuffle, sampler.seed, sampler.drop_last)
     return {
+        "fixed_batches": fixed_batches,
         "noise_multiplier": state.noise_multiplier, "max_grad_norm": state.max_grad_norm,
         "sample_rate": state.sample_rate, "dataset_size": state.dataset_size,
         "clipping": state.clipping, "accountant": accountant, "target_delta": state.target_delta,

@@ -84,14 +84,14 @@ def save_checkpoint(path: str | os.PathLike[str], model: PrivateModule, optimize
     ``key`` signs the file with HMAC-SHA-256.
     """
     engine = _engine_of(model, optimizer)
-    if optimizer.job is not None and optimizer.job.rank != 0:
-        return  # one file per job: every rank holds the same model, optimizer and accountant
     if engine.accumulator or engine.samples_seen or not optimizer.signal.end_of_logical_batch:
         raise RuntimeError(
             "save_checkpoint in the middle of a logical batch: the clipped gradient sums of the "
             "batches seen since the last optimizer.step() are not noised yet and must never be "
             "written; save after optimizer.step() on the last physical batch"
         )
+    if optimizer.job is not None and optimizer.job.rank != 0:
+        return  # one file per job: every rank holds the same model, optimizer and accountant
     state = engine.state
     payload = {
         "format": FORMAT,

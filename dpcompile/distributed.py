@@ -87,11 +87,11 @@ class DistributedJob:
         return [r for r in range(self.world_size) if values[r] > 0], values[-1]
 
     def sum_across_ranks(self, tensors: list[torch.Tensor],
-                         before_send: Callable[[list[torch.Tensor]], None] | None = None) -> None:
-        """Replace every tensor by its sum over the ranks, in place, in flat buckets.
+                         before_send: Callable[[list[torch.Tensor]], None] | None = None) -> list[torch.Tensor]:
+        """Every tensor's sum over the ranks (views into the flat buckets that were all-reduced).
 
         ``before_send`` runs on each bucket's tensors just before that bucket is sent (rank 0
-        adds its noise there), so it overlaps the previous buckets' communication.
+        adds its noise there, in place), so it overlaps the previous buckets' communication.
         """
         import torch.distributed as dist
 
@@ -101,11 +101,14 @@ class DistributedJob:
             if before_send is not None:
                 before_send(chosen)
             flat = torch.cat([t.reshape(-1) for t in chosen]).to(self.device)
-            pending.append((chosen, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
-        for chosen, flat, work in pending:
+            pending.append((members, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
+        summed: list[torch.Tensor] = list(tensors)
+        for members, flat, work in pending:
             work.wait()
-            for t, piece in zip(chosen, flat.split([t.numel() for t in chosen])):
-                t.copy_(piece.view_as(t))
+            pieces = flat.split([tensors[k].numel() for k in members])
+            for k, piece in zip(members, pieces):
+                summed[k] = piece.view_as(tensors[k]).to(tensors[k].device)
+        return summed
 
     def _buckets(self, tensors: list[torch.Tensor]) -> list[list[int]]:
         """Indices of ``tensors`` grouped by (device, dtype), each group cut at ``bucket_bytes``."""

@@ -152,10 +152,7 @@ class DPOptimizer(Optimizer):
         if self.job is not None:
             grads, unclipped = self._job_sums()
         else:
-            self.check_before_release()
-            grads = self.clipped_sums()
-            if state.nonfinite == "drop" and self._dropped_now:
-                self._check_finite_sums(grads)
+            grads = self._checked_local_sums()
             self.add_noise(grads)
             unclipped = self._noisy_unclipped_count()
         if state.loss_reduction == "mean":
@@ -175,15 +172,11 @@ class DPOptimizer(Optimizer):
         refusal: BaseException | None = None
         grads: list[torch.Tensor] = []
         try:
-            self.check_before_release()
-            grads = self.clipped_sums()
-            if self.engine.state.nonfinite == "drop" and self._dropped_now:
-                self._check_finite_sums(grads)
+            grads = self._checked_local_sums()
         except Exception as error:
             refusal = error
-        count = self.engine.unclipped_count
-        if job.rank == 0 and self.engine.state.adaptive is not None:
-            count += self.engine.state.adaptive.count_noise_std * self.noise.standard_normal()
+        # The count's noise, like the gradient noise, is drawn once for the job (by rank 0).
+        count = self._noisy_unclipped_count() if job.rank == 0 else self.engine.unclipped_count
         refused, unclipped = job.agree(refusal is not None, count)
         if refusal is not None:
             raise refusal  # this rank's own reason; the others raise DistributedStepRefused
@@ -194,8 +187,16 @@ class DPOptimizer(Optimizer):
                 "errors: a non-finite gradient, the privacy budget, or a buffer check); no rank "
                 "updated its parameters or its accountant"
             )
-        job.sum_across_ranks(grads, self.add_noise if job.rank == 0 else None)
+        grads = job.sum_across_ranks(grads, self.add_noise if job.rank == 0 else None)
         return grads, unclipped
+
+    def _checked_local_sums(self) -> list[torch.Tensor]:
+        """This process's clipped sums, after the checks that may refuse the step."""
+        self.check_before_release()
+        grads = self.clipped_sums()
+        if self.engine.state.nonfinite == "drop" and self._dropped_now:
+            self._check_finite_sums(grads)
+        return grads
 
     # ---- checks before anything is released -----------------------------------------------
     def discard_batch(self) -> None:

@@ -135,3 +135,13 @@ def test_an_opacus_distributed_script_runs_with_one_changed_import() -> None:
     assert first["steps"] == second["steps"] == 4  # one epoch: 1/q logical steps
     assert np.array_equal(first["params"], second["params"])
     assert first["epsilon"] == second["epsilon"] > 0
+
+
+def test_fixed_batches_need_a_partition_of_the_data() -> None:
+    first, second = values(run_ranks("fixed_batches", 2))
+    for rank in (first, second):
+        assert "needs a DistributedSampler" in rank["refused"]
+        assert rank["steps"] == 4 and rank["sample_rate"] == pytest.approx(12 / NUM_SAMPLES)
+    assert not set(first["seen"]) & set(second["seen"])
+    assert sorted(first["seen"] + second["seen"]) == list(range(NUM_SAMPLES))
+    assert np.array_equal(first["params"], second["params"])

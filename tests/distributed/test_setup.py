@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
 import dpcompile
 from dpcompile.distributed import DistributedJob, ShardedPoissonBatchSampler
@@ -74,3 +75,35 @@ def test_buckets_group_by_dtype_and_size() -> None:
     for bucket in buckets:
         assert len({tensors[k].dtype for k in bucket}) == 1
         assert len(bucket) == 1 or sum(tensors[k].numel() * tensors[k].element_size() for k in bucket) <= 64
+
+
+def _job(rank: int = 0, world: int = 2) -> DistributedJob:
+    return DistributedJob(group=None, rank=rank, world_size=world, device=torch.device("cpu"))
+
+
+def test_a_distributed_sampler_counts_its_replicas_in_the_sample_rate() -> None:
+    from dpcompile.api import _replicas, _sample_rate
+
+    data = build_data()  # 48 samples
+    loader = DataLoader(data, batch_size=6, sampler=DistributedSampler(data, num_replicas=2, rank=0))
+    # Each of the 24 samples of this process's part is in one of its batches of 6 per epoch.
+    q = _sample_rate(loader, None, len(data), len(loader), False, _replicas(loader, 1))
+    assert q == pytest.approx(12 / 48)
+
+
+def test_fixed_batches_across_ranks_must_partition_the_data() -> None:
+    from dpcompile.api import _check_disjoint_fixed_batches
+
+    data = build_data()
+    with pytest.raises(ValueError, match="needs a DistributedSampler"):
+        _check_disjoint_fixed_batches(DataLoader(data, batch_size=6, shuffle=True), _job(), 48)
+    wrong_rank = DataLoader(data, batch_size=6, sampler=DistributedSampler(data, num_replicas=2, rank=1))
+    with pytest.raises(ValueError, match="needs a DistributedSampler"):
+        _check_disjoint_fixed_batches(wrong_rank, _job(rank=0), 48)
+    odd = build_data(47)
+    padded = DataLoader(odd, batch_size=6, sampler=DistributedSampler(odd, num_replicas=2, rank=0))
+    with pytest.raises(ValueError, match="drop_last=True"):
+        _check_disjoint_fixed_batches(padded, _job(), 47)
+    dropped = DataLoader(odd, batch_size=6,
+                         sampler=DistributedSampler(odd, num_replicas=2, rank=0, drop_last=True))
+    _check_disjoint_fixed_batches(dropped, _job(), 47)

@@ -179,3 +179,29 @@ def opacus_script(rank: int, world: int) -> dict[str, Any]:
         opt.step()
     return {"params": _flat(model).numpy(), "steps": model.privacy.steps,
             "sample_rate": model.privacy.sample_rate, "epsilon": engine.get_epsilon(1e-5)}
+
+
+def fixed_batches(rank: int, world: int) -> dict[str, Any]:
+    """poisson_sampling=False: a DistributedSampler partitions the data; a plain loader is refused."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    data = build_data()
+    model = DistributedDataParallel(build_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    try:
+        dpcompile.dp_compile(model, opt, DataLoader(data, batch_size=6, shuffle=True),
+                             noise_multiplier=1.0, poisson_sampling=False, backend="eager")
+        refused = "no error"
+    except ValueError as error:
+        refused = str(error)
+    loader = DataLoader(data, batch_size=6, sampler=DistributedSampler(data, drop_last=True))
+    model, opt, loader = dpcompile.dp_compile(model, opt, loader, noise_multiplier=1.0,
+                                              poisson_sampling=False, backend="eager")
+    seen = []
+    for x, y, index in loader:
+        seen += index.tolist()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return {"refused": refused, "seen": seen, "steps": model.privacy.steps,
+            "sample_rate": model.privacy.sample_rate, "params": _flat(model).numpy()}
