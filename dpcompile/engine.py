@@ -25,7 +25,7 @@ from passes.capture import Capture
 from passes.errors import BatchDimensionError
 from passes.grad_forms import NormPlan
 from passes.lower import Backend, lower
-from passes.partition import SplitGraphs, split
+from passes.partition import SplitGraphs, accepting_any_strides, split
 from passes.rewrite import example_private_inputs
 from passes.sample_dims import SampleDim
 from passes.samples import pad_samples, take_samples
@@ -154,6 +154,8 @@ class Engine:
             inputs[-1] = inputs[-1].expand(len(cap.grad_for)).clone()
         private = private_backward(cap, analysis, clipping, inputs, nonfinite=self.state.nonfinite)  # type: ignore[arg-type]
         graphs = split(private)
+        # Saved values may keep Inductor's layout when the backward takes any strides.
+        any_strides = accepting_any_strides(graphs.backward) if self.backend == "inductor" else None
         leaf_dims = []
         output = next(n for n in cap.graph_module.graph.nodes if n.op == "output")
         for leaf in list(output.args[0])[: len(cap.output_is_differentiable)]:
@@ -163,8 +165,8 @@ class Engine:
         return CompiledStep(
             capture=cap,
             graphs=graphs,
-            forward=lower(graphs.forward, self.backend),
-            backward=lower(graphs.backward, self.backend),
+            forward=lower(graphs.forward, self.backend, keep_output_strides=any_strides is None),
+            backward=lower(any_strides or graphs.backward, self.backend),
             padded_batch=padded,
             leaf_dims=leaf_dims,
             seed_dims=seed_dims,
@@ -205,7 +207,10 @@ class Engine:
         cap = step.capture
         flat = [*params, *(named[n] for n in cap.frozen), *(buffers[n] for n in cap.buffers), *batch]
         out = step.forward(*flat)
-        return list(out[: step.num_leaves]), list(out[step.num_leaves :])
+        # The forward may return values in its compute layout; the model's outputs are handed
+        # to the caller contiguous, as eager would (saved values stay as they are).
+        leaves = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in out[: step.num_leaves]]
+        return leaves, list(out[step.num_leaves :])
 
     def run_backward(self, step: CompiledStep, saved: list[torch.Tensor], seeds: list[torch.Tensor], count: int) -> list[torch.Tensor | None]:
         ref = self.trainable()[0][1]  # mask and bound were traced with this dtype and device

@@ -34,6 +34,12 @@ MEMORY_WEIGHT = 16
 # beyond it, sorting (sample, index) keys and summing runs is cheaper (measured with Inductor at
 # B=256, D=100: T=64 1.2 ms against 5.0 ms; T=256 33 ms against 20 ms).
 LOOKUP_GHOST_MAX_POSITIONS = 128
+# On CPU a convolution's per-sample weight gradients are produced this many samples per grouped
+# backward call: oneDNN's grouped backward-weight allocates scratch that grows with the groups, and
+# buffers past glibc's mmap threshold (32 MiB) are page-faulted afresh on every step. Measured on
+# the CIFAR-10 CNN at B=256 (64→64 channels, 8×8): one call 25–42 ms with 27k page faults per call,
+# 16 samples per call 6.8 ms and none; 32 per call already faults again. GPUs take one call.
+CONV_SAMPLES_PER_CALL_CPU = 16
 
 
 class GradForm:
@@ -212,19 +218,34 @@ class Convolution(GradForm):
         return _prefers_ghost(self.ghost_cost(), self.materialize_cost())
 
     def materialize(self) -> torch.Tensor:
-        b, frames = self.batch, self.sample.outer * self.sample.inner
+        chunks = self.materialize_chunks()
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def materialize_chunks(self) -> list[torch.Tensor]:
+        """The per-sample gradients as consecutive sample blocks ``(b_k, *shape)``, one grouped
+        backward-weight call each (see ``CONV_SAMPLES_PER_CALL_CPU``)."""
+        b = self.batch
+        per_call = b if self.x.device.type != "cpu" else CONV_SAMPLES_PER_CALL_CPU
+        return [self._materialize(lo, min(b, lo + per_call)) for lo in range(0, b, per_call)]
+
+    def _materialize(self, lo: int, hi: int) -> torch.Tensor:
+        """Samples ``lo:hi`` through the backward-weight kernel with the samples as groups."""
+        b, n = self.batch, hi - lo
+        outer, inner = self.sample.outer, self.sample.inner
 
         def samples_as_channels(t: torch.Tensor) -> torch.Tensor:
-            split = t.unflatten(0, (self.sample.outer, b, self.sample.inner)).transpose(1, 2)
-            return split.reshape(frames, b * t.shape[1], *t.shape[2:])
+            if outer == 1 and inner == 1:  # sample-major already: a view, no permute to copy
+                return t[lo:hi].reshape(1, n * t.shape[1], *t.shape[2:])
+            split = t.unflatten(0, (outer, b, inner))[:, lo:hi].transpose(1, 2)
+            return split.reshape(outer * inner, n * t.shape[1], *t.shape[2:])
 
-        weight = self.x.new_empty(b * self.weight_shape[0], *self.weight_shape[1:])
+        weight = self.x.new_empty(n * self.weight_shape[0], *self.weight_shape[1:])
         per_sample = torch.ops.aten.convolution_backward(
             samples_as_channels(self.grad), samples_as_channels(self.x), weight, None,
             list(self.stride), list(self.padding), list(self.dilation), self.transposed,
-            list(self.output_padding), b * self.groups, [False, True, False],
+            list(self.output_padding), n * self.groups, [False, True, False],
         )[1]
-        return per_sample.reshape(b, *self.shape)
+        return per_sample.reshape(n, *self.shape)
 
     def as_outer(self) -> Outer:
         from passes.per_sample_rules import conv_outer
@@ -365,11 +386,12 @@ class NormPlan:
         return any("vmap:" in r for r in self.rules)
 
 
-def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, NormPlan, torch.Tensor | None]:
+def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, NormPlan, list[torch.Tensor] | None]:
     """Per-sample ‖Σ_u G_u‖² over all uses of one parameter, cross terms included.
 
-    Returns (squared norms (B,), the plan, and the dense per-sample gradients when the plan
-    materialized all of them — then the clipped sum is a cheap weighted sum of those).
+    Returns (squared norms (B,), the plan, and the dense per-sample gradients — as consecutive
+    sample blocks — when the plan materialized all of them: then the clipped sum is a cheap
+    weighted sum of those).
     """
     plan = NormPlan(strategy="", uses=len(forms), rules=[f.rule for f in forms])
     plan_parts_conv = ""
@@ -381,7 +403,12 @@ def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, N
             plan.ghost_flops = conv.ghost_cost()[0]
             plan.materialized_flops, plan.memory_elements = conv.materialize_cost()
             plan.flops = plan.materialized_flops
-            forms = [Dense(conv.materialize())]
+            chunks = conv.materialize_chunks()
+            if len(chunks) > 1:
+                plan.strategy = plan_parts_conv
+                sq = torch.cat([c.pow(2).reshape(c.shape[0], -1).sum(1) for c in chunks])
+                return sq, plan, chunks
+            forms = [Dense(chunks[0])]
         else:
             forms = [conv.as_outer()]
     elif convolutions:  # shared with other uses: cross terms go through outer products
@@ -473,7 +500,7 @@ def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, N
         sq = sq + term
     plan.strategy = "+".join(dict.fromkeys(parts))
     only_dense = outer is None and lookup is None and not scattered
-    return sq, plan, total_dense if only_dense else None
+    return sq, plan, [total_dense] if only_dense and total_dense is not None else None
 
 
 def _add_cost_estimates(plan: NormPlan, lookup: Lookup | None, scattered: list[Scattered],

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from passes.rewrite import PrivateGraph
@@ -39,6 +40,36 @@ def split(private: PrivateGraph) -> SplitGraphs:
         return split_min_cut(private)
     except Exception:  # the partitioner is a private torch API: never fail a compile on it
         return split_saving_all(private)
+
+
+# Ops whose result depends on their input's strides, not only its shape and values.
+_STRIDE_DEPENDENT = {
+    torch.ops.aten.as_strided.default,
+    torch.ops.aten._reshape_alias.default,
+    torch.ops.aten.set_.source_Storage_storage_offset,
+}
+_VIEWS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
+
+
+def accepting_any_strides(backward: fx.GraphModule) -> fx.GraphModule | None:
+    """A copy of the backward graph that computes the same values from saved tensors of any
+    strides (every view a reshape, which Inductor makes a view again where the layout allows),
+    or None when the graph has an op whose result depends on strides.
+
+    The forward graph may then hand over its saved values in the layout Inductor computed them
+    in (channels-last around convolutions on CPU) instead of copying each into the traced
+    layout; the backward's kernels then run in that layout too. Measured on the CIFAR-10 CNN at
+    batch 256 (2 CPU cores): the NCHW pooling-backward kernels alone took 26 ms of a 157 ms step
+    (channels-last: about 1 ms each); the whole step went to 105 ms.
+    """
+    if any(n.op == "call_function" and n.target in _STRIDE_DEPENDENT for n in backward.graph.nodes):
+        return None
+    free = copy.deepcopy(backward)
+    for node in free.graph.nodes:
+        if node.op == "call_function" and node.target in _VIEWS:
+            node.target = torch.ops.aten.reshape.default
+    free.recompile()
+    return free
 
 
 def split_min_cut(private: PrivateGraph) -> SplitGraphs:

@@ -241,7 +241,10 @@ def convolution_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> Grad
         # (measured 26 ms against 1.5 ms on the CIFAR-10 CNN's first layer, batch 256).
         per_sample = split_samples(grad, sd, ctx.batch)  # (B, o·i, C_out, *S)
         channels = per_sample.shape[2]
-        by_channel = per_sample.transpose(1, 2).reshape(ctx.batch, channels, -1)
+        if per_sample.shape[1] == 1:  # one frame: a view (a permute here made Inductor copy `grad`)
+            by_channel = per_sample.squeeze(1).reshape(ctx.batch, channels, -1)
+        else:
+            by_channel = per_sample.transpose(1, 2).reshape(ctx.batch, channels, -1)
         ones = by_channel.new_ones(by_channel.shape[-1], 1)
         return Dense((by_channel @ ones).squeeze(-1))
     n = weight.dim() - 2

@@ -302,7 +302,7 @@ class _Rewriter:
         shared_memo: dict[fx.Node, Any] = {}
         for grad, weights, dense in zip(self.grad_nodes, per_param, dense_grads):
             if dense is not None:
-                clipped.append(torch.einsum("b,b...->...", weights.to(dense.dtype), dense))
+                clipped.append(_weighted_sum(weights, dense))
                 continue
             memo_c = shared_memo if self.clipping == "flat" else {}
             clipped.append(self.clipped(grad, clip_env, weights, memo_c))
@@ -315,10 +315,7 @@ class _Rewriter:
         """Zero the clip factors of samples with a non-finite gradient, and their values."""
         keep = torch.isfinite(sq).all(1) & (mask != 0)
         per_param = [torch.where(keep, w, torch.zeros_like(w)) for w in per_param]
-        dense_grads = [
-            None if d is None else torch.where(keep.view(-1, *[1] * (d.dim() - 1)), d, torch.zeros_like(d))
-            for d in dense_grads
-        ]
+        dense_grads = [None if d is None else _zero_dropped(keep, d) for d in dense_grads]
         return per_param, _ZeroedSamples(env, self.analysis, keep), dense_grads
 
 
@@ -339,6 +336,29 @@ class _ZeroedSamples(dict):  # type: ignore[type-arg]
 
     def __contains__(self, node: object) -> bool:
         return node in self.env
+
+
+def _weighted_sum(weights: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_b weights[b]·G_b over per-sample gradients held as consecutive sample blocks."""
+    total, lo = None, 0
+    for block in blocks:
+        n = block.shape[0]
+        part = torch.einsum("b,b...->...", weights[lo : lo + n].to(block.dtype), block)
+        total = part if total is None else total + part
+        lo += n
+    assert total is not None
+    return total
+
+
+def _zero_dropped(keep: torch.Tensor, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The sample blocks with dropped samples' gradients set to 0 (``where``: NaN-safe)."""
+    out, lo = [], 0
+    for block in blocks:
+        n = block.shape[0]
+        kept = keep[lo : lo + n].view(-1, *[1] * (block.dim() - 1))
+        out.append(torch.where(kept, block, torch.zeros_like(block)))
+        lo += n
+    return out
 
 
 def _same_rule(form: GradForm, source: GradForm) -> GradForm:

@@ -1,10 +1,12 @@
 """The two ways to get a convolution's per-sample weight gradients agree with autograd."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from passes import grad_forms
 from passes.grad_forms import Convolution
 from passes.per_sample_rules import conv_outer
 from passes.sample_dims import SampleDim
@@ -72,3 +74,19 @@ class Frames(nn.Module):
 def test_frames_folded_into_the_batch():
     torch.manual_seed(0)
     assert_matches_reference(Frames().to(D), torch.randn(3, 4, 2, 6, 6, dtype=D))
+
+
+@pytest.mark.parametrize("frames", [(1, 1), (2, 1), (1, 3)])
+def test_materialized_in_sample_blocks(monkeypatch, frames):
+    """On CPU the grouped backward runs a few samples per call; the blocks join to the whole."""
+    monkeypatch.setattr(grad_forms, "CONV_SAMPLES_PER_CALL_CPU", 2)
+    torch.manual_seed(1)
+    batch, (outer, inner) = 5, frames
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).to(D)
+    x = torch.randn(outer * batch * inner, 3, 6, 6, dtype=D)
+    grad = torch.randn(outer * batch * inner, 4, 6, 6, dtype=D)
+    form = Convolution(x, grad, tuple(conv.weight.shape), (1, 1), (1, 1), (1, 1), False, (0, 0), 1,
+                       SampleDim(0, outer, inner), batch, tuple(conv.weight.shape))
+    blocks = form.materialize_chunks()
+    assert [b.shape[0] for b in blocks] == [2, 2, 1]
+    torch.testing.assert_close(torch.cat(blocks), conv_outer(form).materialize())

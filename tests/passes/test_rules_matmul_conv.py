@@ -118,3 +118,20 @@ def test_mnist_cnn():
     x = torch.randn(4, 1, 28, 28, dtype=D)
     y = torch.randint(0, 10, (4,))
     assert_matches_reference(model, x, y, cross_entropy)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_conv_materialized_in_sample_blocks(monkeypatch, clipping):
+    """Per-sample conv gradients made a few samples per call: norms and clipped sums unchanged."""
+    from passes import grad_forms
+
+    monkeypatch.setattr(grad_forms, "CONV_SAMPLES_PER_CALL_CPU", 4)
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                          nn.Conv2d(8, 8, 3, padding=1)).to(D)
+    x = torch.randn(11, 3, 8, 8, dtype=D)
+    mask = torch.ones(11, dtype=D)
+    mask[[2, 9]] = 0
+    compiled = assert_matches_reference(model, x, clipping=clipping, mask=mask)
+    assert compiled.plans()["0.weight"].strategy == "materialized"
+    assert compiled.plans()["3.weight"].strategy == "materialized"

@@ -100,7 +100,12 @@ def test_drop_policy_removes_exactly_that_sample(name, how):
 
 
 @pytest.mark.parametrize("clipping, physical", [("per_layer", None), ("flat", 4)])
-def test_drop_policy_with_per_layer_clipping_and_physical_batches(clipping, physical):
+@pytest.mark.parametrize("samples_per_conv_call", [16, 5])
+def test_drop_policy_with_per_layer_clipping_and_physical_batches(monkeypatch, clipping, physical,
+                                                                   samples_per_conv_call):
+    from passes import grad_forms
+
+    monkeypatch.setattr(grad_forms, "CONV_SAMPLES_PER_CALL_CPU", samples_per_conv_call)
     model, private, opt, before, error = run("cnn", "input", nonfinite="drop", clipping=clipping,
                                              physical=physical)
     assert error is None and opt.dropped_samples == 1

@@ -1,0 +1,49 @@
+"""The forward/backward split, and the backward that accepts saved values of any strides."""
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from passes import analyze, capture, private_backward
+from passes.partition import accepting_any_strides, split
+from passes.rewrite import example_private_inputs
+
+D = torch.float64
+
+
+def _split_cnn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                          nn.Conv2d(6, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)).to(D)
+    x = torch.randn(5, 3, 8, 8, dtype=D)
+    cap = capture(model, [x])
+    graphs = split(private_backward(cap, analyze(cap)))
+    inputs = example_private_inputs(cap)
+    num_forward = cap.num_params + len(cap.buffers) + cap.num_batch
+    results = graphs.forward(*inputs[:num_forward])
+    saved = list(results[graphs.num_outputs :])
+    return graphs, saved, inputs[num_forward:]
+
+
+def test_backward_accepting_any_strides_gives_the_same_values():
+    graphs, saved, rest = _split_cnn()
+    expected = graphs.backward(*saved, *rest)
+    free = accepting_any_strides(graphs.backward)
+    assert free is not None
+    # Saved 4-D activations handed over channels-last, as Inductor computes them around convs.
+    relaid = [s.contiguous(memory_format=torch.channels_last) if s.dim() == 4 else s for s in saved]
+    assert any(not s.is_contiguous() for s in relaid)
+    got = free(*relaid, *rest)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    # the original graph's views refuse that layout: the pass is what makes it work
+    views = [n for n in graphs.backward.graph.nodes if n.target is torch.ops.aten.view.default]
+    assert views and not any(n.target is torch.ops.aten.view.default for n in free.graph.nodes)
+
+
+def test_backward_reading_strides_is_left_alone():
+    graphs, _, _ = _split_cnn()
+    graph = fx.Graph()
+    x = graph.placeholder("saved_0")
+    graph.output(graph.call_function(torch.ops.aten.as_strided.default, (x, [2, 2], [1, 2])))
+    assert accepting_any_strides(fx.GraphModule(graphs.backward, graph)) is None
