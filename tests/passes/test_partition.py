@@ -5,7 +5,7 @@ import torch.fx as fx
 from torch import nn
 
 from passes import analyze, capture, private_backward
-from passes.partition import accepting_any_strides, split
+from passes.partition import accepting_any_strides, split, split_min_cut
 from passes.rewrite import example_private_inputs
 
 D = torch.float64
@@ -47,3 +47,29 @@ def test_backward_reading_strides_is_left_alone():
     x = graph.placeholder("saved_0")
     graph.output(graph.call_function(torch.ops.aten.as_strided.default, (x, [2, 2], [1, 2])))
     assert accepting_any_strides(fx.GraphModule(graphs.backward, graph)) is None
+
+
+def test_relu_masks_are_recomputed_in_the_backward_not_saved():
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).to(D)
+    x = torch.randn(5, 4, 8, dtype=D)
+    cap = capture(model, [x])
+    private = private_backward(cap, analyze(cap))
+    plain, recomputed = split_min_cut(private), split(private)
+    saved_dtypes = [n.meta["val"].dtype for n in _outputs(plain.forward)[plain.num_outputs :]]
+    assert torch.bool in saved_dtypes  # the partitioner saves the feed-forward ReLU's mask ...
+    kept = _outputs(recomputed.forward)[recomputed.num_outputs :]
+    assert all(n.meta["val"].dtype != torch.bool for n in kept)  # ... and the pass does not
+    assert recomputed.num_saved == len(kept) < plain.num_saved
+    inputs = example_private_inputs(cap)
+    num_forward = cap.num_params + len(cap.buffers) + cap.num_batch
+    results = []
+    for graphs in (plain, recomputed):
+        out = graphs.forward(*inputs[:num_forward])
+        results.append(graphs.backward(*out[graphs.num_outputs :], *inputs[num_forward:]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _outputs(graph_module: fx.GraphModule) -> list[fx.Node]:
+    return list(next(n for n in graph_module.graph.nodes if n.op == "output").args[0])
