@@ -154,8 +154,11 @@ class Engine:
             inputs[-1] = inputs[-1].expand(len(cap.grad_for)).clone()
         private = private_backward(cap, analysis, clipping, inputs, nonfinite=self.state.nonfinite)  # type: ignore[arg-type]
         graphs = split(private)
-        # Saved values may keep Inductor's layout when the backward takes any strides.
-        any_strides = accepting_any_strides(graphs.backward) if self.backend == "inductor" else None
+        # Saved values may keep Inductor's layout when the backward takes any strides. Inductor
+        # only changes layouts (to channels-last) around convolutions; elsewhere the reshapes of
+        # a stride-agnostic backward only cost (MLP at batch 256: 9.7 ms against 7.2 ms a step).
+        convolves = any(n.target is torch.ops.aten.convolution.default for n in graphs.forward.graph.nodes)
+        any_strides = accepting_any_strides(graphs.backward) if self.backend == "inductor" and convolves else None
         leaf_dims = []
         output = next(n for n in cap.graph_module.graph.nodes if n.op == "output")
         for leaf in list(output.args[0])[: len(cap.output_is_differentiable)]:
