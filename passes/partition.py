@@ -108,6 +108,7 @@ def recompute_saved_masks(graphs: SplitGraphs) -> SplitGraphs:
 # Ops whose result depends on their input's strides, not only its shape and values.
 _STRIDE_DEPENDENT = {
     torch.ops.aten.as_strided.default,
+    torch.ops.aten.as_strided_scatter.default,
     torch.ops.aten._reshape_alias.default,
     torch.ops.aten.set_.source_Storage_storage_offset,
 }
