@@ -40,6 +40,10 @@ LOOKUP_GHOST_MAX_POSITIONS = 128
 # the CIFAR-10 CNN at B=256 (64→64 channels, 8×8): one call 25–42 ms with 27k page faults per call,
 # 16 samples per call 6.8 ms and none; 32 per call already faults again. GPUs take one call.
 CONV_SAMPLES_PER_CALL_CPU = 16
+# ... unless the whole batch's per-sample gradients are this small: then one call (each call's
+# input slice is another kernel for Inductor to compile; the CIFAR-10 CNN's first layer, 0.9 MB
+# at B=256, is as fast in one call as in 16).
+CONV_ONE_CALL_BYTES_CPU = 4 << 20
 
 
 class GradForm:
@@ -225,7 +229,9 @@ class Convolution(GradForm):
         """The per-sample gradients as consecutive sample blocks ``(b_k, *shape)``, one grouped
         backward-weight call each (see ``CONV_SAMPLES_PER_CALL_CPU``)."""
         b = self.batch
-        per_call = b if self.x.device.type != "cpu" else CONV_SAMPLES_PER_CALL_CPU
+        per_call = b
+        if self.x.device.type == "cpu" and b * math.prod(self.shape) * self.x.element_size() > CONV_ONE_CALL_BYTES_CPU:
+            per_call = CONV_SAMPLES_PER_CALL_CPU
         return [self._materialize(lo, min(b, lo + per_call)) for lo in range(0, b, per_call)]
 
     def _materialize(self, lo: int, hi: int) -> torch.Tensor:

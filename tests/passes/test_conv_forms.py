@@ -80,6 +80,7 @@ def test_frames_folded_into_the_batch():
 def test_materialized_in_sample_blocks(monkeypatch, frames):
     """On CPU the grouped backward runs a few samples per call; the blocks join to the whole."""
     monkeypatch.setattr(grad_forms, "CONV_SAMPLES_PER_CALL_CPU", 2)
+    monkeypatch.setattr(grad_forms, "CONV_ONE_CALL_BYTES_CPU", 0)
     torch.manual_seed(1)
     batch, (outer, inner) = 5, frames
     conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).to(D)

@@ -126,6 +126,7 @@ def test_conv_materialized_in_sample_blocks(monkeypatch, clipping):
     from passes import grad_forms
 
     monkeypatch.setattr(grad_forms, "CONV_SAMPLES_PER_CALL_CPU", 4)
+    monkeypatch.setattr(grad_forms, "CONV_ONE_CALL_BYTES_CPU", 0)
     torch.manual_seed(2)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
                           nn.Conv2d(8, 8, 3, padding=1)).to(D)

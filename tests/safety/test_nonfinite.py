@@ -106,6 +106,7 @@ def test_drop_policy_with_per_layer_clipping_and_physical_batches(monkeypatch, c
     from passes import grad_forms
 
     monkeypatch.setattr(grad_forms, "CONV_SAMPLES_PER_CALL_CPU", samples_per_conv_call)
+    monkeypatch.setattr(grad_forms, "CONV_ONE_CALL_BYTES_CPU", 0)
     model, private, opt, before, error = run("cnn", "input", nonfinite="drop", clipping=clipping,
                                              physical=physical)
     assert error is None and opt.dropped_samples == 1
