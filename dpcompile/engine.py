@@ -24,8 +24,8 @@ from passes import analyze, capture, private_backward
 from passes.capture import Capture
 from passes.errors import BatchDimensionError
 from passes.grad_forms import NormPlan
-from passes.lower import Backend, lower
-from passes.partition import SplitGraphs, accepting_any_strides, split
+from passes.lower import Backend, lower_split
+from passes.partition import SplitGraphs, split
 from passes.rewrite import example_private_inputs
 from passes.sample_dims import SampleDim
 from passes.samples import pad_samples, take_samples
@@ -43,6 +43,7 @@ class CompiledStep:
     leaf_dims: list[SampleDim | None]
     seed_dims: list[SampleDim | None]
     plans: dict[str, NormPlan]
+    outputs_relaid: bool = False  # the forward may return outputs in Inductor's compute layout
 
     @property
     def num_leaves(self) -> int:
@@ -154,11 +155,7 @@ class Engine:
             inputs[-1] = inputs[-1].expand(len(cap.grad_for)).clone()
         private = private_backward(cap, analysis, clipping, inputs, nonfinite=self.state.nonfinite)  # type: ignore[arg-type]
         graphs = split(private)
-        # Saved values may keep Inductor's layout when the backward takes any strides. Inductor
-        # only changes layouts (to channels-last) around convolutions; elsewhere the saved values
-        # have the traced strides anyway, and the backward keeps its views.
-        convolves = any(n.target is torch.ops.aten.convolution.default for n in graphs.forward.graph.nodes)
-        any_strides = accepting_any_strides(graphs.backward) if self.backend == "inductor" and convolves else None
+        forward, backward, outputs_relaid = lower_split(graphs, self.backend)
         leaf_dims = []
         output = next(n for n in cap.graph_module.graph.nodes if n.op == "output")
         for leaf in list(output.args[0])[: len(cap.output_is_differentiable)]:
@@ -168,8 +165,9 @@ class Engine:
         return CompiledStep(
             capture=cap,
             graphs=graphs,
-            forward=lower(graphs.forward, self.backend, keep_output_strides=any_strides is None),
-            backward=lower(any_strides or graphs.backward, self.backend),
+            forward=forward,
+            backward=backward,
+            outputs_relaid=outputs_relaid,
             padded_batch=padded,
             leaf_dims=leaf_dims,
             seed_dims=seed_dims,
@@ -210,9 +208,9 @@ class Engine:
         cap = step.capture
         flat = [*params, *(named[n] for n in cap.frozen), *(buffers[n] for n in cap.buffers), *batch]
         out = step.forward(*flat)
-        # The forward may return values in its compute layout; the model's outputs are handed
-        # to the caller contiguous, as eager would (saved values stay as they are).
-        leaves = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in out[: step.num_leaves]]
+        leaves = list(out[: step.num_leaves])
+        if step.outputs_relaid:  # model outputs back in the contiguous layout eager gives them
+            leaves = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in leaves]
         return leaves, list(out[step.num_leaves :])
 
     def run_backward(self, step: CompiledStep, saved: list[torch.Tensor], seeds: list[torch.Tensor], count: int) -> list[torch.Tensor | None]:

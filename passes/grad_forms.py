@@ -400,30 +400,22 @@ def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, N
     weighted sum of those).
     """
     plan = NormPlan(strategy="", uses=len(forms), rules=[f.rule for f in forms])
-    plan_parts_conv = ""
-    convolutions = [f for f in forms if isinstance(f, Convolution)]
-    if convolutions and len(forms) == 1:
-        conv = convolutions[0]
-        if not conv.prefers_ghost():
-            plan_parts_conv = "materialized"
-            plan.ghost_flops = conv.ghost_cost()[0]
-            plan.materialized_flops, plan.memory_elements = conv.materialize_cost()
-            plan.flops = plan.materialized_flops
-            chunks = conv.materialize_chunks()
-            if len(chunks) > 1:
-                plan.strategy = plan_parts_conv
-                sq = torch.cat([c.pow(2).reshape(c.shape[0], -1).sum(1) for c in chunks])
-                return sq, plan, chunks
-            forms = [Dense(chunks[0])]
-        else:
-            forms = [conv.as_outer()]
-    elif convolutions:  # shared with other uses: cross terms go through outer products
-        forms = [f.as_outer() if isinstance(f, Convolution) else f for f in forms]
+    if len(forms) == 1 and isinstance(forms[0], Convolution) and not forms[0].prefers_ghost():
+        # A convolution's only use: its per-sample gradients, block by block, are the answer.
+        conv = forms[0]
+        plan.strategy = "materialized"
+        plan.ghost_flops = conv.ghost_cost()[0]
+        plan.materialized_flops, plan.memory_elements = conv.materialize_cost()
+        plan.flops = plan.materialized_flops
+        blocks = conv.materialize_chunks()
+        return torch.cat([Dense(block).sq_norm() for block in blocks]), plan, blocks
+    # Otherwise convolutions take part as outer products (ghost norms, cross terms between uses).
+    forms = [f.as_outer() if isinstance(f, Convolution) else f for f in forms]
     outers = [f for f in forms if isinstance(f, Outer)]
     lookups = [f for f in forms if isinstance(f, Lookup)]
     scattered = [f for f in forms if isinstance(f, Scattered)]
     dense = [f.values for f in forms if isinstance(f, Dense)]
-    parts: list[str] = [plan_parts_conv] if plan_parts_conv else []
+    parts: list[str] = []
 
     outer: Outer | None = None
     if outers:
@@ -489,7 +481,7 @@ def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, N
     for s in scattered:
         terms.append(s.sq_norm())
     if total_dense is not None:
-        terms.append(total_dense.pow(2).reshape(total_dense.shape[0], -1).sum(1))
+        terms.append(Dense(total_dense).sq_norm())
     if outer is not None and lookup is not None:
         if outer.dims[1] != 1:
             raise NotImplementedError(f"parameter `{param}`: grouped use shared with a lookup")

@@ -340,25 +340,19 @@ class _ZeroedSamples(dict):  # type: ignore[type-arg]
 
 def _weighted_sum(weights: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
     """Σ_b weights[b]·G_b over per-sample gradients held as consecutive sample blocks."""
-    total, lo = None, 0
-    for block in blocks:
-        n = block.shape[0]
-        part = torch.einsum("b,b...->...", weights[lo : lo + n].to(block.dtype), block)
-        total = part if total is None else total + part
-        lo += n
-    assert total is not None
-    return total
+    parts = [
+        torch.einsum("b,b...->...", w.to(block.dtype), block)
+        for w, block in zip(weights.split([b.shape[0] for b in blocks]), blocks)
+    ]
+    return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
 
 
 def _zero_dropped(keep: torch.Tensor, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
     """The sample blocks with dropped samples' gradients set to 0 (``where``: NaN-safe)."""
-    out, lo = [], 0
-    for block in blocks:
-        n = block.shape[0]
-        kept = keep[lo : lo + n].view(-1, *[1] * (block.dim() - 1))
-        out.append(torch.where(kept, block, torch.zeros_like(block)))
-        lo += n
-    return out
+    return [
+        torch.where(k.view(-1, *[1] * (block.dim() - 1)), block, torch.zeros_like(block))
+        for k, block in zip(keep.split([b.shape[0] for b in blocks]), blocks)
+    ]
 
 
 def _same_rule(form: GradForm, source: GradForm) -> GradForm:

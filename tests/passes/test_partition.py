@@ -5,6 +5,7 @@ import torch.fx as fx
 from torch import nn
 
 from passes import analyze, capture, private_backward
+from passes.lower import lower_split
 from passes.partition import accepting_any_strides, split, split_min_cut
 from passes.rewrite import example_private_inputs
 
@@ -15,14 +16,17 @@ def _split_cnn():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
                           nn.Conv2d(6, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)).to(D)
-    x = torch.randn(5, 3, 8, 8, dtype=D)
-    cap = capture(model, [x])
+    cap = capture(model, [torch.randn(5, 3, 8, 8, dtype=D)])
     graphs = split(private_backward(cap, analyze(cap)))
+    return (graphs, *_saved_and_backward_inputs(cap, graphs))
+
+
+def _saved_and_backward_inputs(cap, graphs):
+    """Run the forward graph on the capture's example inputs: (saved values, backward's other inputs)."""
     inputs = example_private_inputs(cap)
     num_forward = cap.num_params + len(cap.buffers) + cap.num_batch
     results = graphs.forward(*inputs[:num_forward])
-    saved = list(results[graphs.num_outputs :])
-    return graphs, saved, inputs[num_forward:]
+    return list(results[graphs.num_outputs :]), inputs[num_forward:]
 
 
 def test_backward_accepting_any_strides_gives_the_same_values():
@@ -61,15 +65,23 @@ def test_relu_masks_are_recomputed_in_the_backward_not_saved():
     kept = _outputs(recomputed.forward)[recomputed.num_outputs :]
     assert all(n.meta["val"].dtype != torch.bool for n in kept)  # ... and the pass does not
     assert recomputed.num_saved == len(kept) < plain.num_saved
-    inputs = example_private_inputs(cap)
-    num_forward = cap.num_params + len(cap.buffers) + cap.num_batch
     results = []
     for graphs in (plain, recomputed):
-        out = graphs.forward(*inputs[:num_forward])
-        results.append(graphs.backward(*out[graphs.num_outputs :], *inputs[num_forward:]))
+        saved, rest = _saved_and_backward_inputs(cap, graphs)
+        results.append(graphs.backward(*saved, *rest))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def _outputs(graph_module: fx.GraphModule) -> list[fx.Node]:
     return list(next(n for n in graph_module.graph.nodes if n.op == "output").args[0])
+
+
+def test_saved_values_keep_the_compute_layout_only_for_convolution_nets_under_inductor():
+    graphs, _, _ = _split_cnn()
+    assert lower_split(graphs, "inductor")[2]
+    assert not lower_split(graphs, "eager")[2]
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)).to(D)
+    cap = capture(mlp, [torch.randn(3, 4, dtype=D)])
+    assert not lower_split(split(private_backward(cap, analyze(cap))), "inductor")[2]
