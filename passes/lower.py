@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from passes.partition import SplitGraphs, accepting_any_strides
+from passes.rnn import with_fused_cells
 
 Backend = Literal["inductor", "eager"]
 
@@ -16,6 +17,8 @@ Backend = Literal["inductor", "eager"]
 def lower(graph_module: fx.GraphModule, backend: Backend = "inductor", *,
           keep_output_strides: bool = True) -> Callable[..., Any]:
     """A callable running ``graph_module``: compiled by Inductor, or the graph itself.
+
+    Under Inductor, recurrence scans also compile their per-step cells (one kernel per step).
 
     ``keep_output_strides=False`` lets Inductor return outputs in the layout it computed them in
     (for a forward whose saved values go to a backward that accepts any strides).
@@ -27,6 +30,7 @@ def lower(graph_module: fx.GraphModule, backend: Backend = "inductor", *,
         options: dict[str, str | int | bool | Callable[..., Any]] | None = (
             None if keep_output_strides else {"keep_output_stride": False}
         )
+        graph_module = with_fused_cells(graph_module)
         return torch.compile(graph_module, backend="inductor", fullgraph=True, dynamic=False, options=options)
     raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
 
