@@ -35,6 +35,7 @@ from passes.grad_forms import Dense, GradForm, NormPlan, combine_sq_norms, fallb
 from passes.per_sample_rules import RuleContext, chain_form, per_sample_form, vmap_node
 from passes.sample_dims import Analysis, SampleDim
 from passes.samples import scale_samples, zero_samples
+from passes.simplify import merge_duplicates
 
 aten = torch.ops.aten
 
@@ -380,7 +381,7 @@ def private_backward(
         example_inputs = example_private_inputs(capture)
         if clipping == "per_layer":
             example_inputs[-1] = example_inputs[-1].expand(len(capture.grad_for)).clone()
-    graph_module = make_fx(rewriter, decomposition_table=decomposition_table())(*example_inputs)
+    graph_module = merge_duplicates(make_fx(rewriter, decomposition_table=decomposition_table())(*example_inputs))
     graph_module.graph.eliminate_dead_code()
     graph_module.recompile()
     return PrivateGraph(graph_module, capture, clipping, dict(rewriter.plans))
