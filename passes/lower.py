@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
+from passes.kernels import with_eager_row_sums
 from passes.partition import SplitGraphs, accepting_any_strides
 from passes.rnn import with_fused_cells
 
@@ -18,7 +19,8 @@ def lower(graph_module: fx.GraphModule, backend: Backend = "inductor", *,
           keep_output_strides: bool = True) -> Callable[..., Any]:
     """A callable running ``graph_module``: compiled by Inductor, or the graph itself.
 
-    Under Inductor, recurrence scans also compile their per-step cells (one kernel per step).
+    Under Inductor, recurrence scans also compile their per-step cells (one kernel per step) and
+    embedding gradients on CPU run as an eager row sum (see passes/kernels.py).
 
     ``keep_output_strides=False`` lets Inductor return outputs in the layout it computed them in
     (for a forward whose saved values go to a backward that accepts any strides).
@@ -30,7 +32,7 @@ def lower(graph_module: fx.GraphModule, backend: Backend = "inductor", *,
         options: dict[str, str | int | bool | Callable[..., Any]] | None = (
             None if keep_output_strides else {"keep_output_stride": False}
         )
-        graph_module = with_fused_cells(graph_module)
+        graph_module = with_eager_row_sums(with_fused_cells(graph_module))
         return torch.compile(graph_module, backend="inductor", fullgraph=True, dynamic=False, options=options)
     raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
 
