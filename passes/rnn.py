@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -138,14 +139,19 @@ CELLS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
 
 
 @functools.cache
-def _compiled(cell: Callable[..., Any]) -> Callable[..., Any]:
-    # Dynamic shapes: one compile per cell, dtype and device, whatever the batch and width.
-    return torch.compile(cell, dynamic=True, fullgraph=True)
+def _compiled(cell: Callable[..., Any], device: torch.device, dtype: torch.dtype, batch: int,
+              hidden: int) -> Callable[..., Any]:
+    # Dynamo counts recompilations per code object (8 at most, then fullgraph fails), so each
+    # configuration gets a code object of its own and static shapes: the per-step slices differ
+    # only in storage offset, which static shapes do not guard on (dynamic ones specialize it).
+    code = cell.__code__.replace()
+    fresh = types.FunctionType(code, cell.__globals__, cell.__name__, cell.__defaults__, cell.__closure__)
+    return torch.compile(fresh, dynamic=False, fullgraph=True)
 
 
-def _cell(mode: str, backward: bool, fused: bool) -> Callable[..., Any]:
+def _cell(mode: str, backward: bool, fused: bool, h0: torch.Tensor) -> Callable[..., Any]:
     cell = CELLS[mode][1 if backward else 0]
-    return _compiled(cell) if fused else cell
+    return _compiled(cell, h0.device, h0.dtype, *h0.shape) if fused else cell
 
 
 # ---- the recurrence, inside the custom ops ----------------------------------------------
@@ -154,7 +160,7 @@ def _cell(mode: str, backward: bool, fused: bool) -> Callable[..., Any]:
 def _scan_forward(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
                   b_hh: torch.Tensor, mode: str, fused: bool) -> tuple[torch.Tensor, ...]:
     """The recurrence over time-major (T, B, G·H) input gates: one GEMM and one cell per step."""
-    cell = _cell(mode, False, fused)
+    cell = _cell(mode, False, fused, h0)
     steps = gates_x.shape[0]
     gx = gates_x.contiguous()
     gates = torch.empty_like(gx)  # activated gates, saved for backward
@@ -172,7 +178,7 @@ def _scan_backward(d_out: torch.Tensor, d_h: torch.Tensor, d_c: torch.Tensor, ga
                    cells: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, out: torch.Tensor,
                    w_hh: torch.Tensor, mode: str, fused: bool) -> tuple[torch.Tensor, ...]:
     """Backpropagation through time over time-major tensors."""
-    cell = _cell(mode, True, fused)
+    cell = _cell(mode, True, fused, h0)
     steps = out.shape[0]
     d_out = d_out.contiguous()
     d_gates_x = torch.empty_like(gates)

@@ -128,6 +128,8 @@ def test_fused_cells_match_eager_cells(mode, gates):
     saved = (eager[3], eager[4], h0, c0, eager[0], w)
     eager_grads = rnn._scan_backward(d_out, d_h, d_c, *saved, mode, False)
     fused_grads = rnn._scan_backward(d_out, d_h, d_c, *saved, mode, True)
+    if mode.startswith("rnn"):  # plain RNNs leave the cells buffer unused
+        eager, fused = eager[:4], fused[:4]
     for expected, got in zip(eager + eager_grads, fused + fused_grads):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     # outputs never alias inputs (custom-op contract), whichever state passes through
@@ -149,3 +151,17 @@ def test_inductor_lowering_fuses_scan_cells():
     scans = [n for n in fused.graph.nodes if n.target is torch.ops.dpcompile.rnn_scan.default]
     assert [n.args[-1] for n in scans] == [True]
     assert [n.args[-1] for n in gm.graph.nodes if n.target is torch.ops.dpcompile.rnn_scan.default] == [False]
+
+
+@pytest.mark.inductor
+def test_fused_cells_survive_many_configurations():
+    """More batch sizes and dtypes in one process than Dynamo recompiles one function for (8)."""
+    from passes import rnn
+
+    for batch in range(2, 7):
+        for dtype in (torch.float32, torch.float64):
+            gx = torch.randn(2, batch, 4 * 3, dtype=dtype)
+            h0, c0 = torch.zeros(batch, 3, dtype=dtype), torch.zeros(batch, 3, dtype=dtype)
+            w, b = torch.randn(12, 3, dtype=dtype), torch.randn(12, dtype=dtype)
+            expected = rnn._scan_forward(gx, h0, c0, w, b, "lstm", False)[0]
+            torch.testing.assert_close(rnn._scan_forward(gx, h0, c0, w, b, "lstm", True)[0], expected)
