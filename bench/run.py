@@ -239,6 +239,9 @@ def write_report(data: dict[str, Any], out_dir: Path, quick: bool) -> Path:
                 if "error" in x:
                     parts.append("n/a")
                     continue
+                if not x:  # a system this cell was measured without
+                    parts.append("—")
+                    continue
                 graphs = x.get("graphs")
                 parts.append(f"{x.get('compile_s', 0):.1f} s / {graphs if graphs is not None else '?'}")
             epoch = r.get("_epoch", {})

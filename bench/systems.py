@@ -7,6 +7,7 @@ noise, optimizer update) for a workload and batch size.
 - ``vmap``: per-sample gradients with ``torch.func.vmap(grad(...))`` under ``torch.compile``,
   clipping, noise and the update written by hand (what a JAX-style user would do).
 - ``dpcompile``: ``dpcompile.dp_compile``.
+- ``dpcompile_low_memory``: the same with ``low_memory=True`` (clipped sums from a second backward).
 
 Private systems use σ=1, C=1 and the same expected batch size. In quick mode compiled systems
 use cheap backends (Dynamo without Inductor, dpcompile's eager graphs) so the suite runs in
@@ -31,7 +32,7 @@ from bench.workloads import Workload
 SIGMA = 1.0
 CLIP = 1.0
 
-ALL_SYSTEMS = ["eager", "compiled", "opacus_hooks", "opacus_ghost", "vmap", "dpcompile"]
+ALL_SYSTEMS = ["eager", "compiled", "opacus_hooks", "opacus_ghost", "vmap", "dpcompile", "dpcompile_low_memory"]
 BASELINE = "compiled"
 
 
@@ -78,6 +79,7 @@ def prepare(system: str, workload: Workload, batch_size: int, quick: bool = Fals
         "opacus_ghost": _opacus("ghost"),
         "vmap": _vmap,
         "dpcompile": _dpcompile,
+        "dpcompile_low_memory": _dpcompile_low_memory,
     }[system](model, workload, x, y, batch_size, quick)
 
 
@@ -210,7 +212,8 @@ def _vmap(model: nn.Module, workload: Workload, x: torch.Tensor, y: torch.Tensor
     return Prepared(step, setup, _timed_first(step), graphs)
 
 
-def _dpcompile(model: nn.Module, workload: Workload, x: torch.Tensor, y: torch.Tensor, batch: int, quick: bool) -> Prepared:
+def _dpcompile(model: nn.Module, workload: Workload, x: torch.Tensor, y: torch.Tensor, batch: int, quick: bool,
+               low_memory: bool = False) -> Prepared:
     import dpcompile
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -218,6 +221,7 @@ def _dpcompile(model: nn.Module, workload: Workload, x: torch.Tensor, y: torch.T
     start = time.perf_counter()
     private, private_optimizer, _ = dpcompile.dp_compile(
         model, optimizer, _loader(workload, batch), noise_multiplier=SIGMA, max_grad_norm=CLIP, backend=backend,
+        low_memory=low_memory,
     )
     setup = time.perf_counter() - start
     step = _plain_step(private, private_optimizer, x, y)
@@ -227,7 +231,7 @@ def _dpcompile(model: nn.Module, workload: Workload, x: torch.Tensor, y: torch.T
         clone = workload.build()
         counted, counted_optimizer, _ = dpcompile.dp_compile(
             clone, torch.optim.SGD(clone.parameters(), lr=0.01), _loader(workload, batch),
-            noise_multiplier=SIGMA, max_grad_norm=CLIP, backend="eager",
+            noise_multiplier=SIGMA, max_grad_norm=CLIP, backend="eager", low_memory=low_memory,
         )
         for k, size in enumerate(sizes):
             bx, by = workload.batch(size, seed=k)
@@ -235,3 +239,8 @@ def _dpcompile(model: nn.Module, workload: Workload, x: torch.Tensor, y: torch.T
         return counted.compiled_graph_count
 
     return Prepared(step, setup, _timed_first(step), graphs)
+
+
+def _dpcompile_low_memory(model: nn.Module, workload: Workload, x: torch.Tensor, y: torch.Tensor, batch: int,
+                          quick: bool) -> Prepared:
+    return _dpcompile(model, workload, x, y, batch, quick, low_memory=True)

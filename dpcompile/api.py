@@ -68,6 +68,7 @@ def dp_compile(
     adaptive_clipping: AdaptiveClipping | dict[str, float] | None = None,
     max_epsilon: float | None = None,
     nonfinite: str = "error",
+    low_memory: bool = False,
     distributed: bool | None = None,
     process_group: Any = None,
 ) -> tuple[PrivateModule, DPOptimizer, Any]:
@@ -85,6 +86,10 @@ def dp_compile(
     per trainable parameter (per-layer clipping). ``clipping="adaptive"`` adapts C to a quantile
     of the per-sample norms (Andrew et al. 2021) with its own noisy count, accounted for.
     ``backend="eager"`` runs the same rewritten graphs without Inductor, for debugging.
+    ``low_memory=True`` computes flat clipping's clipped sums with a second backward pass (from
+    the loss scaled per sample by its clip factor) instead of keeping every layer's backward
+    signals until the clip factors are known: about one more backward of time for a peak close
+    to non-private training's; per-layer clipping and ``nonfinite="drop"`` ignore it.
 
     Safety (docs/safety.md): the model is validated first (``dpcompile.validate``; all problems
     are listed in one :class:`ModelValidationError`). ``max_epsilon`` (at ``target_delta``) is a
@@ -203,7 +208,7 @@ def dp_compile(
         job.check_same_job(model, _job_settings(state, accountant, train_loader, poisson_sampling))
     signal = StepSignal()
     engine = Engine(model, state, backend=backend, batch_dim=batch_dim,  # type: ignore[arg-type]
-                    max_physical_batch_size=max_physical_batch_size,
+                    max_physical_batch_size=max_physical_batch_size, low_memory=low_memory,
                     expected_batch_size=local_expected_batch_size(state.expected_batch_size, job))
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     try:

@@ -63,8 +63,9 @@ class Engine:
 
     def __init__(self, module: nn.Module, state: PrivacyState, *, backend: Backend = "inductor",
                  batch_dim: int = 0, max_physical_batch_size: int | None = None,
-                 expected_batch_size: float | None = None) -> None:
+                 expected_batch_size: float | None = None, low_memory: bool = False) -> None:
         self.module = module
+        self.low_memory = low_memory  # clipped sums from a second backward (passes.private_backward)
         self.state = state
         self.backend: Backend = backend
         self.batch_dim = batch_dim
@@ -153,7 +154,8 @@ class Engine:
         clipping = "per_layer" if self.state.clipping == "per_layer" else "flat"
         if clipping == "per_layer":
             inputs[-1] = inputs[-1].expand(len(cap.grad_for)).clone()
-        private = private_backward(cap, analysis, clipping, inputs, nonfinite=self.state.nonfinite)  # type: ignore[arg-type]
+        private = private_backward(cap, analysis, clipping, inputs, nonfinite=self.state.nonfinite,  # type: ignore[arg-type]
+                                   low_memory=self.low_memory)
         graphs = split(private)
         forward, backward, outputs_relaid = lower_split(graphs, self.backend)
         leaf_dims = []

@@ -44,7 +44,8 @@ class PerSampleGradients:
     returns the per-sample gradient norms and ``Σ_b c_b·g_b`` with ``c_b = mask_b·min(1, C/‖g_b‖)``:
     one C for all parameters (``clipping="flat"``) or one per trainable parameter
     (``clipping="per_layer"``). The rewritten graph runs through Inductor (``backend="inductor"``)
-    or as a plain FX graph (``backend="eager"``). A graph is compiled once per batch signature
+    or as a plain FX graph (``backend="eager"``). ``low_memory`` takes flat clipping's clipped sums
+    from a second backward (see :func:`passes.private_backward`). A graph is compiled once per batch signature
     (shapes, dtypes, devices); ``num_compiled`` counts them.
     """
 
@@ -56,6 +57,7 @@ class PerSampleGradients:
         clipping: Clipping = "flat",
         backend: Backend = "inductor",
         batch_dim: int | Sequence[int] = 0,
+        low_memory: bool = False,
     ) -> None:
         if clipping not in ("flat", "per_layer"):
             raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")
@@ -66,6 +68,7 @@ class PerSampleGradients:
         self.clipping: Clipping = clipping
         self.backend: Backend = backend
         self.batch_dim = batch_dim
+        self.low_memory = low_memory
         self._compiled: dict[tuple[Any, ...], CompiledStep] = {}
 
     @property
@@ -87,7 +90,7 @@ class PerSampleGradients:
             example = example_private_inputs(cap)
             if self.clipping == "per_layer":
                 example[-1] = example[-1].expand(len(cap.grad_for)).clone()
-            private = private_backward(cap, analysis, self.clipping, example)
+            private = private_backward(cap, analysis, self.clipping, example, low_memory=self.low_memory)
             step = CompiledStep(private, lower(private.graph_module, self.backend))
             self._compiled[key] = step
         return step

@@ -122,8 +122,9 @@ class _Rewriter:
     """Evaluates the captured graph with the gradient region replaced (traced by make_fx)."""
 
     def __init__(self, capture: Capture, analysis: Analysis, clipping: Clipping,
-                 nonfinite: NonFinite = "error") -> None:
+                 nonfinite: NonFinite = "error", low_memory: bool = False) -> None:
         self.capture = capture
+        self.low_memory = low_memory
         self.analysis = analysis
         self.clipping = clipping
         self.nonfinite = nonfinite
@@ -295,6 +296,11 @@ class _Rewriter:
             norms = sq.clamp(min=0).sqrt()
             factors = (max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0) * mask[:, None]
             per_param = list(factors.unbind(1))
+        outputs = [env[n] if isinstance(n, fx.Node) else n for n in self.leaf_nodes]
+        if self.low_memory and self.clipping == "flat" and self.nonfinite == "error":
+            second = self._second_backward(env, factors)
+            if second is not None:
+                return (*outputs, norms, *second)
         clip_env: dict[fx.Node, Any] = env
         if self.nonfinite == "drop":
             per_param, clip_env, dense_grads = self._drop_nonfinite(sq, mask, per_param, env, dense_grads)
@@ -307,8 +313,32 @@ class _Rewriter:
                 continue
             memo_c = shared_memo if self.clipping == "flat" else {}
             clipped.append(self.clipped(grad, clip_env, weights, memo_c))
-        outputs = [env[n] if isinstance(n, fx.Node) else n for n in self.leaf_nodes]
         return (*outputs, norms, *clipped)
+
+    # ---- low_memory: clipped sums from a second backward ---------------------------------
+    def _second_backward(self, env: dict[fx.Node, Any], factors: torch.Tensor) -> list[Any] | None:
+        """Σ_b c_b·g_b as the gradients of Σ_b c_b·L_b: the backward again, from seeds scaled by
+        the clip factors. The first backward's signals are then dead once their norms are taken,
+        instead of living until the factors exist. None when a seed has no sample dimension."""
+        seeds = self.capture.seed_placeholders()
+        scaled = dict(env)
+        for seed in seeds:
+            sd = self.analysis.of(seed)
+            if not isinstance(sd, SampleDim):
+                return None
+            scaled[seed] = scale_samples(env[seed], sd, factors)
+        downstream: set[fx.Node] = set()
+        frontier = list(seeds)
+        while frontier:
+            node = frontier.pop()
+            for user in node.users:
+                if user not in downstream:
+                    downstream.add(user)
+                    frontier.append(user)
+        for node in self.graph.nodes:
+            if node.op == "call_function" and (node in downstream or node in self.region):
+                scaled[node] = _call(node, scaled)
+        return [scaled[g] for g in self.grad_nodes]
 
     # ---- nonfinite="drop" ---------------------------------------------------------------
     def _drop_nonfinite(self, sq: torch.Tensor, mask: torch.Tensor, per_param: list[torch.Tensor],
@@ -367,16 +397,20 @@ def private_backward(
     clipping: Clipping = "flat",
     example_inputs: list[torch.Tensor] | None = None,
     nonfinite: NonFinite = "error",
+    low_memory: bool = False,
 ) -> PrivateGraph:
     """Rewrite the joint graph into per-sample norms and clipped sums (one backward pass).
 
     ``nonfinite="drop"`` makes samples with a NaN/Inf gradient contribute exactly nothing.
+    ``low_memory=True`` (flat clipping, ``nonfinite="error"``) takes the clipped sums from a
+    second backward with the seeds scaled by the clip factors: one more backward of time, and the
+    peak no longer holds every layer's backward signal at once. Elsewhere it changes nothing.
     """
     if clipping not in ("flat", "per_layer"):
         raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")
     if nonfinite not in ("error", "drop"):
         raise ValueError(f"nonfinite must be 'error' or 'drop', got {nonfinite!r}")
-    rewriter = _Rewriter(capture, analysis, clipping, nonfinite)
+    rewriter = _Rewriter(capture, analysis, clipping, nonfinite, low_memory)
     if example_inputs is None:
         example_inputs = example_private_inputs(capture)
         if clipping == "per_layer":

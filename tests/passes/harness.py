@@ -33,6 +33,7 @@ def assert_matches_reference(
     mask: torch.Tensor | None = None,
     backend: str = "eager",
     batch_dim: int = 0,
+    low_memory: bool = False,
     rtol: float = 1e-6,
     atol: float = 1e-9,
 ) -> PerSampleGradients:
@@ -50,7 +51,8 @@ def assert_matches_reference(
     ref_norms, ref_clipped = clipped_reference(
         model, loss_fn, inputs, targets, limit, clipping, mask=mask, batch_dim=batch_dim
     )
-    compiled = PerSampleGradients(model, loss_fn, clipping=clipping, backend=backend, batch_dim=batch_dim)
+    compiled = PerSampleGradients(model, loss_fn, clipping=clipping, backend=backend, batch_dim=batch_dim,
+                                  low_memory=low_memory)
     result = compiled(inputs, targets, max_grad_norm=limit if clipping == "flat" else [limit[n] for n in names], mask=mask)
     got_norms = result.per_sample_norms
     if clipping == "per_layer":
