@@ -73,20 +73,17 @@ def _gru_cell(gx: torch.Tensor, rec: torch.Tensor, b_hh: torch.Tensor, h: torch.
     return h_new, c
 
 
-def _rnn_tanh_cell(gx: torch.Tensor, rec: torch.Tensor, b_hh: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
-                   gates: torch.Tensor, cells: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    h_new = (gx + rec + b_hh).tanh()
-    gates.copy_(h_new)
-    out.copy_(h_new)
-    return h_new, c
+def _plain_cell(activation: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
+    """nn.RNN's step: h' = activation(x W_ihᵀ + b_ih + h W_hhᵀ + b_hh)."""
 
+    def cell(gx: torch.Tensor, rec: torch.Tensor, b_hh: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
+             gates: torch.Tensor, cells: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h_new = activation(gx + rec + b_hh)
+        gates.copy_(h_new)
+        out.copy_(h_new)
+        return h_new, c
 
-def _rnn_relu_cell(gx: torch.Tensor, rec: torch.Tensor, b_hh: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
-                   gates: torch.Tensor, cells: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    h_new = (gx + rec + b_hh).relu()
-    gates.copy_(h_new)
-    out.copy_(h_new)
-    return h_new, c
+    return cell
 
 
 def _lstm_cell_backward(d_out: torch.Tensor, dh: torch.Tensor, dc: torch.Tensor, gates: torch.Tensor,
@@ -133,8 +130,8 @@ def _rnn_relu_cell_backward(d_out: torch.Tensor, dh: torch.Tensor, dc: torch.Ten
 CELLS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
     "lstm": (_lstm_cell, _lstm_cell_backward),
     "gru": (_gru_cell, _gru_cell_backward),
-    "rnn_tanh": (_rnn_tanh_cell, _rnn_tanh_cell_backward),
-    "rnn_relu": (_rnn_relu_cell, _rnn_relu_cell_backward),
+    "rnn_tanh": (_plain_cell(torch.tanh), _rnn_tanh_cell_backward),
+    "rnn_relu": (_plain_cell(torch.relu), _rnn_relu_cell_backward),
 }
 
 
