@@ -1,19 +1,24 @@
-"""kernels: ops the lowering hands to eager kernels because Inductor's code for them is slower.
+"""kernels: what the Inductor lowering changes about how ops run, each change measured faster.
 
-Inductor decomposes ``embedding_dense_backward`` (the gradient of an embedding table, and the
-clipped sum of its per-sample gradients) into an ``index_put`` with accumulation, which its CPU
-backend compiles to an atomic add per element: 5.5 ms for (256·64) rows of 100 into a
-10,000-row table on 2 cores, against 0.6 ms for ``index_add_`` and 1.7 ms for eager
-``embedding_dense_backward`` (which sorts the indices first). On CPU the row sum therefore runs
-as an opaque op; on other devices it stays the aten op.
+- RNN scans (``passes/rnn.py``) compile each time step's pointwise math into one kernel
+  (:func:`with_fused_cells`) instead of running ~10 small eager kernels per step.
+- Embedding gradients on CPU run as an eager row sum (:func:`with_eager_row_sums`): Inductor
+  decomposes ``embedding_dense_backward`` (an embedding table's gradient, and the clipped sum of
+  its per-sample gradients) into an accumulating ``index_put``, which its CPU backend compiles to
+  an atomic add per element: 5.5 ms for (256·64) rows of 100 into a 10,000-row table on 2 cores,
+  against 0.6 ms for ``index_add_`` and 1.7 ms for eager ``embedding_dense_backward`` (which
+  sorts the indices first). Other devices keep the aten op.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
+
+import passes.rnn  # noqa: F401  (defines the dpcompile::rnn_scan ops marked below)
 
 aten = torch.ops.aten
 
@@ -39,22 +44,46 @@ def _(grad, indices, num_weights, padding_idx):
     return grad.new_empty(num_weights, grad.shape[-1])
 
 
+def with_fused_cells(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """The same graph with its recurrence scans running each step's pointwise math compiled."""
+    scans = (torch.ops.dpcompile.rnn_scan.default, torch.ops.dpcompile.rnn_scan_backward.default)
+
+    def fuse(node: fx.Node) -> None:
+        position = [a.name for a in node.target._schema.arguments].index("fused")  # type: ignore[union-attr]
+        if len(node.args) > position:
+            node.update_arg(position, True)
+        else:
+            node.update_kwarg("fused", True)
+
+    return _edited_copy(graph_module, lambda n: n.target in scans, fuse)
+
+
 def with_eager_row_sums(graph_module: fx.GraphModule) -> fx.GraphModule:
     """The same graph with embedding gradients on CPU summed by an eager kernel, not atomics."""
 
-    def replaced(node: fx.Node) -> bool:
+    def unscaled_on_cpu(node: fx.Node) -> bool:
         if node.target is not aten.embedding_dense_backward.default:
             return False
         grad, _, _, _, scale_grad_by_freq = node.args
         val = grad.meta.get("val") if isinstance(grad, fx.Node) else None
         return not scale_grad_by_freq and isinstance(val, torch.Tensor) and val.device.type == "cpu"
 
-    if not any(replaced(n) for n in graph_module.graph.nodes):
+    def row_sum(node: fx.Node) -> None:
+        grad, indices, num_weights, padding_idx, _ = node.args
+        node.target = torch.ops.dpcompile.embedding_rows_sum.default
+        node.args = (grad, indices, num_weights, padding_idx)
+
+    return _edited_copy(graph_module, unscaled_on_cpu, row_sum)
+
+
+def _edited_copy(graph_module: fx.GraphModule, selected: Callable[[fx.Node], bool],
+                 edit: Callable[[fx.Node], None]) -> fx.GraphModule:
+    """``graph_module`` itself when no node is selected, else a copy with ``edit`` applied to each
+    selected node (the input graph is left as it was)."""
+    if not any(selected(n) for n in graph_module.graph.nodes):
         return graph_module
     graph = copy.deepcopy(graph_module.graph)
     for node in graph.nodes:
-        if replaced(node):
-            grad, indices, num_weights, padding_idx, _ = node.args
-            node.target = torch.ops.dpcompile.embedding_rows_sum.default
-            node.args = (grad, indices, num_weights, padding_idx)
+        if selected(node):
+            edit(node)
     return fx.GraphModule(graph_module, graph)

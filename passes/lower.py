@@ -8,9 +8,8 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
-from passes.kernels import with_eager_row_sums
+from passes.kernels import with_eager_row_sums, with_fused_cells
 from passes.partition import SplitGraphs, accepting_any_strides
-from passes.rnn import with_fused_cells
 
 Backend = Literal["inductor", "eager"]
 

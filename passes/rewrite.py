@@ -74,14 +74,19 @@ def gradient_region(analysis: Analysis) -> set[fx.Node]:
             starts.append(node)
         else:
             starts += [u for u in node.users if u.target is operator.getitem and u.args[1] == index]
-    region: set[fx.Node] = set()
+    return _computed_from(starts)
+
+
+def _computed_from(starts: list[fx.Node]) -> set[fx.Node]:
+    """``starts`` and every node computed from them (the output node aside)."""
+    reached: set[fx.Node] = set()
     while starts:
         n = starts.pop()
-        if n in region or n.op == "output":
+        if n in reached or n.op == "output":
             continue
-        region.add(n)
+        reached.add(n)
         starts.extend(n.users)
-    return region
+    return reached
 
 
 def _evaluate(target: Any, args: Any, kwargs: Any, env: dict[fx.Node, Any],
@@ -327,14 +332,7 @@ class _Rewriter:
             if not isinstance(sd, SampleDim):
                 return None
             scaled[seed] = scale_samples(env[seed], sd, factors)
-        downstream: set[fx.Node] = set()
-        frontier = list(seeds)
-        while frontier:
-            node = frontier.pop()
-            for user in node.users:
-                if user not in downstream:
-                    downstream.add(user)
-                    frontier.append(user)
+        downstream = _computed_from(list(seeds))
         for node in self.graph.nodes:
             if node.op == "call_function" and (node in downstream or node in self.region):
                 scaled[node] = _call(node, scaled)

@@ -7,7 +7,7 @@ Inductor time on two cores). Instead, capture routes ``torch._VF.lstm / gru / rn
 - the input projection of every step is one matmul, ``gates_x = x W_ihᵀ + b_ih`` over (B·T) rows;
 - the recurrence is one custom op, ``dpcompile::rnn_scan``, which loops over time inside: one
   GEMM and one cell (the step's pointwise math) per step; under Inductor the cell is compiled
-  into one kernel (:func:`with_fused_cells`), eagerly it is ~10 small kernels;
+  into one kernel (``passes.kernels.with_fused_cells``), eagerly it is ~10 small kernels;
 - its backward, ``dpcompile::rnn_scan_backward``, returns the per-step gate gradients, and the
   recurrent weight gradients are ordinary graph ops on them: ``dW_hh = Σ_t dgates_h[t] ⊗ h[t-1]``
   as one matmul over (B·T) rows, ``db_hh`` as a sum.
@@ -22,14 +22,12 @@ the unrolled form.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -182,12 +180,12 @@ def _scan_backward(d_out: torch.Tensor, d_h: torch.Tensor, d_c: torch.Tensor, ga
     # Only GRU's recurrent gate gradients differ from the input ones.
     d_gates_h = torch.empty_like(gates) if mode == "gru" else None
     dh, dc = d_h, d_c
+    recurrent = d_gates_x if d_gates_h is None else d_gates_h  # what flows back through W_hh
     for t in range(steps - 1, -1, -1):
         h_prev, c_prev = (out[t - 1], cells[t - 1]) if t > 0 else (h0, c0)
-        d_rec = d_gates_h[t] if d_gates_h is not None else None
-        direct, dc = cell(d_out[t], dh, dc, gates[t], cells[t], h_prev, c_prev, d_gates_x[t], d_rec)
-        d_rec = d_gates_x[t] if d_rec is None else d_rec
-        dh = torch.mm(d_rec, w_hh) if direct is None else torch.addmm(direct, d_rec, w_hh)
+        d_gh = None if d_gates_h is None else d_gates_h[t]
+        direct, dc = cell(d_out[t], dh, dc, gates[t], cells[t], h_prev, c_prev, d_gates_x[t], d_gh)
+        dh = torch.mm(recurrent[t], w_hh) if direct is None else torch.addmm(direct, recurrent[t], w_hh)
     if d_gates_h is None:
         d_gates_h = d_gates_x.new_empty(0)
     # Outputs of a custom op must not alias its inputs (T = 0, or a state that passes through).
@@ -200,7 +198,7 @@ def rnn_scan(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: to
              b_hh: torch.Tensor, mode: str, fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One RNN layer in one direction over time-major (T, B, G·H) precomputed input gates;
     returns (out (T, B, H), h_T, c_T, activated gates, cells) — the last two saved for backward.
-    ``fused`` runs each step's pointwise math as one compiled kernel (see :func:`with_fused_cells`)."""
+    ``fused`` runs each step's pointwise math as one compiled kernel (see ``passes.kernels.with_fused_cells``)."""
     out, h_last, c_last, gates, cells = _scan_forward(gates_x, h0, c0, w_hh, b_hh, mode, fused)
     return out, h_last, c_last, gates, cells
 
@@ -256,22 +254,6 @@ def _backward(ctx: Any, d_out: torch.Tensor | None, d_h: torch.Tensor | None, d_
 
 
 rnn_scan.register_autograd(_backward, setup_context=_setup_context)
-
-
-def with_fused_cells(graph_module: fx.GraphModule) -> fx.GraphModule:
-    """The same graph with its recurrence scans running each step's pointwise math compiled."""
-    scans = (torch.ops.dpcompile.rnn_scan.default, torch.ops.dpcompile.rnn_scan_backward.default)
-    if not any(n.target in scans for n in graph_module.graph.nodes):
-        return graph_module
-    graph = copy.deepcopy(graph_module.graph)
-    for node in graph.nodes:
-        if node.target in scans:
-            position = [a.name for a in node.target._schema.arguments].index("fused")
-            if len(node.args) > position:
-                node.update_arg(position, True)
-            else:
-                node.update_kwarg("fused", True)
-    return fx.GraphModule(graph_module, graph)
 
 
 # ---- nn.LSTM / nn.GRU / nn.RNN semantics on top of the scan -----------------------------

@@ -138,7 +138,8 @@ def test_fused_cells_match_eager_cells(mode, gates):
 
 
 def test_inductor_lowering_fuses_scan_cells():
-    from passes.rnn import rnn_scan, with_fused_cells
+    from passes.kernels import with_fused_cells
+    from passes.rnn import rnn_scan
 
     def f(gx, h0, c0, w, b):
         return rnn_scan(gx, h0, c0, w, b, "lstm", False)[0]
