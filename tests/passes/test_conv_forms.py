@@ -77,17 +77,46 @@ def test_frames_folded_into_the_batch():
 
 
 @pytest.mark.parametrize("frames", [(1, 1), (2, 1), (1, 3)])
-def test_materialized_in_sample_blocks(monkeypatch, frames):
-    """On CPU the grouped backward runs a few samples per call; the blocks join to the whole."""
+@pytest.mark.parametrize("channels", [(3, 4), (2, 24)], ids=["grouped", "unfolded"])
+def test_materialized_in_sample_blocks(monkeypatch, frames, channels):
+    """On CPU per-sample gradients are made a few samples per call; the blocks join to the whole
+    (the grouped backward-weight kernel, and unfolded windows when they are narrower than the
+    output channels)."""
     monkeypatch.setattr(grad_forms, "CONV_SAMPLES_PER_CALL_CPU", 2)
     monkeypatch.setattr(grad_forms, "CONV_ONE_CALL_BYTES_CPU", 0)
     torch.manual_seed(1)
-    batch, (outer, inner) = 5, frames
-    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).to(D)
-    x = torch.randn(outer * batch * inner, 3, 6, 6, dtype=D)
-    grad = torch.randn(outer * batch * inner, 4, 6, 6, dtype=D)
+    batch, (outer, inner), (c_in, c_out) = 5, frames, channels
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False).to(D)
+    x = torch.randn(outer * batch * inner, c_in, 6, 6, dtype=D)
+    grad = torch.randn(outer * batch * inner, c_out, 6, 6, dtype=D)
     form = Convolution(x, grad, tuple(conv.weight.shape), (1, 1), (1, 1), (1, 1), False, (0, 0), 1,
                        SampleDim(0, outer, inner), batch, tuple(conv.weight.shape))
+    assert form.unfolds_windows == (c_in * 9 <= c_out)
     blocks = form.materialize_chunks()
     assert [b.shape[0] for b in blocks] == [2, 2, 1]
-    torch.testing.assert_close(torch.cat(blocks), conv_outer(form).materialize())
+    frame_of = torch.arange(outer * batch * inner).reshape(outer, batch, inner)
+    expected = torch.stack([
+        torch.autograd.grad(conv(x[frame_of[:, b].reshape(-1)]), conv.weight,
+                            grad[frame_of[:, b].reshape(-1)])[0]
+        for b in range(batch)
+    ])
+    torch.testing.assert_close(torch.cat(blocks), expected)
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(3, 32, 3, padding=1),  # windows of 27 ≤ 32 output channels: unfolded
+    nn.Conv2d(8, 16, 1),  # a 1×1 kernel: the windows are the input
+    nn.Conv2d(4, 8, 3, padding=1),  # windows of 36 > 8: the grouped kernel
+], ids=["few-input-channels", "1x1", "grouped"])
+def test_first_layer_per_sample_gradients_match_the_reference(layer):
+    """A CIFAR-style first layer: per-sample gradients, norms and clipped sums exact either way."""
+    torch.manual_seed(3)
+    model = nn.Sequential(layer, nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                          nn.LazyLinear(3)).to(D)
+    x = torch.randn(5, layer.in_channels, 6, 6, dtype=D)
+    model(x)  # materialize the lazy head
+    compiled = assert_matches_reference(model, x)
+    plan = compiled.plans()["0.weight"]
+    assert plan.strategy == "materialized"
+    windows = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+    assert any("unfolded" in n for n in plan.notes) == (windows <= layer.out_channels)
