@@ -295,6 +295,7 @@ class _PrivateStep(torch.autograd.Function):
         for leaf, sd in zip(leaves, step.leaf_dims):
             outputs.append(take_samples(leaf, sd, step.padded_batch, count) if sd is not None else leaf)
         ctx.engine, ctx.step, ctx.count = engine, step, count
+        ctx.backward_ran = False
         ctx.save_for_backward(*saved)
         ctx.set_materialize_grads(False)
         for out, differentiable in zip(outputs, step.capture.output_is_differentiable):
@@ -304,6 +305,15 @@ class _PrivateStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
+        if ctx.backward_ran:
+            # A second pass would add this batch's clipped gradients twice (the accountant counts
+            # each batch once), and the compiled backward may have overwritten its saved values.
+            raise RuntimeError(
+                "dpcompile: backward ran twice through the same private step (retain_graph=True); "
+                "each batch's private gradients can be taken once. Run the model forward again "
+                "for another backward, or combine the losses and call backward once."
+            )
+        ctx.backward_ran = True
         engine: Engine = ctx.engine
         step: CompiledStep = ctx.step
         count: int = ctx.count

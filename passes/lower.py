@@ -2,38 +2,92 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Collection
 from typing import Any, Literal
 
 import torch
 import torch.fx as fx
 
 from passes.kernels import with_eager_row_sums, with_fused_cells
-from passes.partition import SplitGraphs, accepting_any_strides
+from passes.partition import SplitGraphs, accepting_any_strides, donatable_saved
 
 Backend = Literal["inductor", "eager"]
 
 
 def lower(graph_module: fx.GraphModule, backend: Backend = "inductor", *,
-          keep_output_strides: bool = True) -> Callable[..., Any]:
+          keep_output_strides: bool = True, donated: Collection[str] = ()) -> Callable[..., Any]:
     """A callable running ``graph_module``: compiled by Inductor, or the graph itself.
 
     Under Inductor, recurrence scans also compile their per-step cells (one kernel per step) and
     embedding gradients on CPU run as an eager row sum (see passes/kernels.py).
 
     ``keep_output_strides=False`` lets Inductor return outputs in the layout it computed them in
-    (for a forward whose saved values go to a backward that accepts any strides).
+    (for a forward whose saved values go to a backward that accepts any strides). ``donated``
+    names inputs the caller never reads after the call: Inductor may write into them.
     """
     if backend == "eager":
         return graph_module
     if backend == "inductor":
+        graph_module = with_eager_row_sums(with_fused_cells(graph_module))
         # Shapes are static: one compiled graph per physical batch shape, never re-specialized.
+        if donated:
+            if not keep_output_strides:
+                raise ValueError("donated inputs are only supported with keep_output_strides=True")
+            return torch.compile(graph_module, backend=_donating_inductor(frozenset(donated)),
+                                 fullgraph=True, dynamic=False)
         options: dict[str, str | int | bool | Callable[..., Any]] | None = (
             None if keep_output_strides else {"keep_output_stride": False}
         )
-        graph_module = with_eager_row_sums(with_fused_cells(graph_module))
         return torch.compile(graph_module, backend="inductor", fullgraph=True, dynamic=False, options=options)
     raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
+
+
+def _donating_inductor(donated: frozenset[str]) -> Callable[..., Any]:
+    """Inductor as a torch.compile backend, told that the inputs named ``donated`` are dead after
+    the call, as AOTAutograd tells it for the saved values of its own backward: a kernel may then
+    write its result into a saved value it last reads instead of a fresh buffer.
+
+    Measured on the CIFAR-10 CNN at batch 256 (2 CPU cores): the first layer's output gradient
+    (33.5 MB) reuses the saved activation, as in the non-private backward; without it the fresh
+    buffer cost 8,200 page faults a step and the step 101 → 92 ms.
+
+    Uses Inductor's backward-graph hooks (``is_backward``, the tracing context's donated indices);
+    where a PyTorch version lacks them, or an input cannot be matched to its name, the graph is
+    compiled without donation.
+    """
+    from torch._dynamo.source import LocalSource
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    def backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
+        # Dynamo orders (and drops unused) inputs by first use: find the donated ones by name.
+        names = []
+        for node in gm.graph.find_nodes(op="placeholder"):
+            source = getattr(node.meta.get("grapharg"), "source", None)
+            names.append(source.local_name if isinstance(source, LocalSource) else None)
+        positions = [k for k, name in enumerate(names) if name in donated]
+
+        def inner(graph: fx.GraphModule, inputs: list[Any], **kwargs: Any) -> Any:
+            context = torch._guards.TracingContext.try_get()
+            metadata: Any = getattr(context, "fw_metadata", None)
+            if not positions or len(inputs) != len(names) or not hasattr(metadata, "bw_donated_idxs"):
+                return compile_fx_inner(graph, inputs, **kwargs)
+            previous = metadata.bw_donated_idxs
+            metadata.bw_donated_idxs = positions
+            try:
+                return compile_fx_inner(graph, inputs, **{**kwargs, "is_backward": True})
+            finally:
+                metadata.bw_donated_idxs = previous
+
+        # Inductor's caches do not key on donation: keep these graphs apart from any other.
+        compiler_config: Any = torch.compiler.config
+        if not hasattr(compiler_config, "cache_key_tag"):
+            return compile_fx(gm, example_inputs)
+        tag = f"{compiler_config.cache_key_tag}|dpcompile-donated:{positions}"
+        with compiler_config.patch(cache_key_tag=tag):
+            return compile_fx(gm, example_inputs, inner_compile=inner)
+
+    return backend
 
 
 def lower_split(graphs: SplitGraphs, backend: Backend = "inductor") -> tuple[Callable[..., Any], Callable[..., Any], bool]:
@@ -44,9 +98,15 @@ def lower_split(graphs: SplitGraphs, backend: Backend = "inductor") -> tuple[Cal
     copying each back (and the backward's kernels run channels-last too). The flag says the
     forward's outputs may come back in such a layout: the caller restores model outputs.
     Without convolutions Inductor keeps the traced layouts, and both graphs stay as they are.
+
+    The backward may write into the saved values the forward computed (:func:`donatable_saved`):
+    call it at most once per forward call, and never read those values afterwards.
     """
     convolves = any(n.target is torch.ops.aten.convolution.default for n in graphs.forward.graph.nodes)
     any_strides = accepting_any_strides(graphs.backward) if backend == "inductor" and convolves else None
     relaid = any_strides is not None
     forward = lower(graphs.forward, backend, keep_output_strides=not relaid)
-    return forward, lower(any_strides or graphs.backward, backend), relaid
+    backward = any_strides or graphs.backward
+    saved_inputs = list(inspect.signature(backward.forward).parameters)[: graphs.num_saved]
+    donated = [saved_inputs[k] for k in donatable_saved(graphs)]
+    return forward, lower(backward, backend, donated=donated), relaid

@@ -18,6 +18,7 @@ a boolean store, alone took 0.5 ms); the min-cut split makes them 1.8 ms and 2.7
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,59 @@ def accepting_any_strides(backward: fx.GraphModule) -> fx.GraphModule | None:
             node.target = torch.ops.aten.reshape.default
     free.recompile()
     return free
+
+
+def donatable_saved(graphs: SplitGraphs) -> list[int]:
+    """Positions of the saved values the backward may overwrite once read: values the forward
+    computed that alias no forward input (parameters, the batch), no model output and no other
+    saved value. AOTAutograd donates the same kind of values to its own backward.
+
+    Aliasing is read from the graph (each op's schema says whether its result is a view), not
+    from the nodes' example values: graph passes re-derive those, and views then no longer share
+    their base's storage object."""
+    nodes = graphs.forward.graph.nodes
+    results = list(next(n for n in reversed(nodes) if n.op == "output").args[0])
+    leaves, saved = results[: graphs.num_outputs], results[graphs.num_outputs :]
+    bases = [_alias_base(n) if isinstance(n, fx.Node) else None for n in saved]
+    taken = {_alias_base(n) for n in leaves if isinstance(n, fx.Node)}
+    return [
+        k for k, base in enumerate(bases)
+        if base is not None and base.op == "call_function" and base not in taken and bases.count(base) == 1
+    ]
+
+
+def _alias_base(node: fx.Node) -> fx.Node | None:
+    """The node whose fresh result ``node`` is a view of (``node`` itself if it is fresh), or None
+    when that cannot be told (an op without a schema)."""
+    while node.op == "call_function":
+        target = node.target
+        if target is operator.getitem:
+            producer = node.args[0]
+            if not isinstance(producer, fx.Node) or producer.op != "call_function":
+                return None
+            if not _returns_alias(producer.target):
+                return node  # one fresh result of a multi-result op
+            node = producer
+            continue
+        if not isinstance(target, torch._ops.OpOverload):
+            return None
+        if not _returns_alias(target):
+            return node
+        source = next((a for a in node.args if isinstance(a, fx.Node)), None)
+        if source is None:
+            return None
+        node = source
+    return node
+
+
+def _returns_alias(target: object) -> bool:
+    """Whether an op's result may share storage with an argument (schema alias annotations;
+    ``_unsafe_view`` is a view that its schema does not declare)."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return True
+    if target.overloadpacket is torch.ops.aten._unsafe_view:
+        return True
+    return any(r.alias_info is not None for r in target._schema.returns)
 
 
 def split_min_cut(private: PrivateGraph) -> SplitGraphs:

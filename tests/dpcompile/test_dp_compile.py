@@ -252,3 +252,19 @@ def test_a_torch_compiled_model_is_unwrapped():
     F.cross_entropy(private(bx), by).backward()
     opt.step()
     assert private.privacy.steps == 1
+
+
+def test_a_second_backward_through_one_step_is_refused():
+    """retain_graph=True and a second backward would count the batch twice (and the compiled
+    backward may have reused its saved activations): refused with a message saying what to do."""
+    model = model_for("cnn").to(D)
+    x, y = dataset_for("cnn")
+    loader = DataLoader(TensorDataset(x.to(D), y), batch_size=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    private, optimizer, loader = dpcompile.dp_compile(model, optimizer, loader, noise_multiplier=1.0,
+                                                      max_grad_norm=1.0, backend="eager")
+    bx, by = next(iter(loader))
+    loss = F.cross_entropy(private(bx), by)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice.*forward again"):
+        loss.backward()

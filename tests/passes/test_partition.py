@@ -6,7 +6,13 @@ from torch import nn
 
 from passes import analyze, capture, private_backward
 from passes.lower import lower_split
-from passes.partition import accepting_any_strides, split, split_min_cut
+from passes.partition import (
+    SplitGraphs,
+    accepting_any_strides,
+    donatable_saved,
+    split,
+    split_min_cut,
+)
 from passes.rewrite import example_private_inputs
 
 D = torch.float64
@@ -85,3 +91,60 @@ def test_saved_values_keep_the_compute_layout_only_for_convolution_nets_under_in
     mlp = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)).to(D)
     cap = capture(mlp, [torch.randn(3, 4, dtype=D)])
     assert not lower_split(split(private_backward(cap, analyze(cap))), "inductor")[2]
+
+
+def test_donatable_saved_values_are_the_forwards_own_intermediates():
+    """Parameters, the batch and model outputs are never donated; nor two views of one buffer."""
+    graphs, _, _ = _split_cnn()
+    results = _outputs(graphs.forward)
+    saved = results[graphs.num_outputs :]
+    donated = donatable_saved(graphs)
+    assert donated  # the conv activations
+    assert [saved[k].name for k in donated] == ["relu", "avg_pool2d", "view"]
+    # not donated: the second conv's weight, the linear weight transposed back (a view of a
+    # parameter) and the input viewed as one image of 15 channels (for the grouped backward)
+    kept = [saved[k].name for k in range(len(saved)) if k not in donated]
+    assert kept == ["primals_3", "permute_1", "view_3"]
+
+    # A saved value that is also a model output, or shares its storage with another saved value.
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.call_function(torch.ops.aten.mul.Tensor, (x, 2.0))
+    z = graph.call_function(torch.ops.aten.relu.default, (x,))
+    z_view = graph.call_function(torch.ops.aten.view.default, (z, [-1]))
+    x_view = graph.call_function(torch.ops.aten.view.default, (x, [-1]))
+    w = graph.call_function(torch.ops.aten.sin.default, (x,))
+    graph.output((y, y, z, z_view, x_view, w))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    split_graphs = SplitGraphs(gm, gm, num_outputs=1, num_saved=5)
+    assert donatable_saved(split_graphs) == [4]  # only `w`: the others alias y, x or each other
+
+
+def test_compiled_backward_writes_only_into_donated_saved_values():
+    """Under Inductor the backward may reuse saved activations in place (the conv net's output
+    gradients do), never the parameters or the batch, and computes the eager backward's values."""
+    torch.manual_seed(0)
+    # first layer with windows (2·9) narrower than its 24 output channels: per-sample gradients
+    # from unfolded windows, so its output gradient stays channels-last like the saved ReLU output
+    model = nn.Sequential(nn.Conv2d(2, 24, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                          nn.Conv2d(24, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)).to(D)
+    cap = capture(model, [torch.randn(5, 2, 8, 8, dtype=D)])
+    graphs = split(private_backward(cap, analyze(cap)))
+    _, rest = _saved_and_backward_inputs(cap, graphs)
+    forward, backward, _ = lower_split(graphs, "inductor")
+    cap_inputs = [n for n in graphs.forward.graph.nodes if n.op == "placeholder"]
+    torch.manual_seed(0)
+    inputs = [torch.randn(n.meta["val"].shape, dtype=D) for n in cap_inputs]
+    originals = [t.clone() for t in inputs]
+    results = forward(*inputs)
+    saved = list(results[graphs.num_outputs :])
+    copies = [s.clone() for s in saved]
+    expected = accepting_any_strides(graphs.backward)(*copies, *rest)  # saved channels-last
+    got = backward(*saved, *rest)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+    for t, original in zip(inputs, originals):  # parameters and batch untouched
+        assert torch.equal(t, original)
+    donated = set(donatable_saved(graphs))
+    changed = {k for k, (s, c) in enumerate(zip(saved, copies)) if not torch.equal(s, c)}
+    assert changed and changed <= donated
