@@ -8,6 +8,12 @@
   an atomic add per element: 5.5 ms for (256·64) rows of 100 into a 10,000-row table on 2 cores,
   against 0.6 ms for ``index_add_`` and 1.7 ms for eager ``embedding_dense_backward`` (which
   sorts the indices first). Other devices keep the aten op.
+- Max-pooling gradients run the aten kernel (:func:`with_eager_max_pool_backward`), on every
+  device. This one is a correctness change: Inductor decomposes
+  ``max_pool2d_with_indices_backward`` into a scatter-add into a zero-filled buffer, and torch
+  2.13's scheduler fused a kernel reading that buffer with its zero fill, before the scatter. It
+  struck the low-memory graph of the MNIST CNN (two pooling gradients from the same indices,
+  channels-last saved values): the convolutions' clipped sums came out as zeros.
 """
 
 from __future__ import annotations
@@ -42,6 +48,30 @@ def embedding_rows_sum(grad: torch.Tensor, indices: torch.Tensor, num_weights: i
 @embedding_rows_sum.register_fake
 def _(grad, indices, num_weights, padding_idx):
     return grad.new_empty(num_weights, grad.shape[-1])
+
+
+@torch.library.custom_op("dpcompile::max_pool2d_backward", mutates_args=())
+def max_pool2d_backward(grad: torch.Tensor, x: torch.Tensor, kernel_size: list[int], stride: list[int],
+                        padding: list[int], dilation: list[int], ceil_mode: bool,
+                        indices: torch.Tensor) -> torch.Tensor:
+    """``max_pool2d_with_indices_backward``, opaque to Inductor (see the module docstring)."""
+    return aten.max_pool2d_with_indices_backward(grad, x, kernel_size, stride, padding, dilation,
+                                                 ceil_mode, indices)
+
+
+@max_pool2d_backward.register_fake
+def _(grad, x, kernel_size, stride, padding, dilation, ceil_mode, indices):
+    return torch.empty_like(x)
+
+
+def with_eager_max_pool_backward(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """The same graph with max-pooling gradients computed by the aten kernel, not Inductor's
+    scatter decomposition."""
+
+    def opaque(node: fx.Node) -> None:
+        node.target = torch.ops.dpcompile.max_pool2d_backward.default
+
+    return _edited_copy(graph_module, lambda n: n.target is aten.max_pool2d_with_indices_backward.default, opaque)
 
 
 def with_fused_cells(graph_module: fx.GraphModule) -> fx.GraphModule:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Collection
 from typing import Any, Literal
 
 import torch
 import torch.fx as fx
 
-from passes.kernels import with_eager_row_sums, with_fused_cells
+from passes.kernels import with_eager_max_pool_backward, with_eager_row_sums, with_fused_cells
 from passes.partition import SplitGraphs, accepting_any_strides, donatable_saved
 
 Backend = Literal["inductor", "eager"]
@@ -19,8 +20,9 @@ def lower(graph_module: fx.GraphModule, backend: Backend = "inductor", *,
           keep_output_strides: bool = True, donated: Collection[str] = ()) -> Callable[..., Any]:
     """A callable running ``graph_module``: compiled by Inductor, or the graph itself.
 
-    Under Inductor, recurrence scans also compile their per-step cells (one kernel per step) and
-    embedding gradients on CPU run as an eager row sum (see passes/kernels.py).
+    Under Inductor, recurrence scans also compile their per-step cells (one kernel per step),
+    embedding gradients on CPU run as an eager row sum and max-pooling gradients as the aten
+    kernel (see passes/kernels.py).
 
     ``keep_output_strides=False`` lets Inductor return outputs in the layout it computed them in
     (for a forward whose saved values go to a backward that accepts any strides). ``donated``
@@ -29,7 +31,7 @@ def lower(graph_module: fx.GraphModule, backend: Backend = "inductor", *,
     if backend == "eager":
         return graph_module
     if backend == "inductor":
-        graph_module = with_eager_row_sums(with_fused_cells(graph_module))
+        graph_module = with_eager_max_pool_backward(with_eager_row_sums(with_fused_cells(graph_module)))
         # Shapes are static: one compiled graph per physical batch shape, never re-specialized.
         if donated:
             if not keep_output_strides:
@@ -53,7 +55,8 @@ def _donating_inductor(donated: frozenset[str]) -> Callable[..., Any]:
     buffer cost 8,200 page faults a step and the step 101 → 92 ms.
 
     Uses Inductor's backward-graph hooks (``is_backward``, the tracing context's donated indices);
-    where a PyTorch version lacks them, or an input cannot be matched to its name, the graph is
+    where a PyTorch version lacks them, an input cannot be matched to its name, or the generated
+    code reuses a buffer that is read later (:func:`reuses_only_dead_buffers`), the graph is
     compiled without donation.
     """
     from torch._dynamo.source import LocalSource
@@ -75,16 +78,24 @@ def _donating_inductor(donated: frozenset[str]) -> Callable[..., Any]:
             previous = metadata.bw_donated_idxs
             metadata.bw_donated_idxs = positions
             try:
-                return compile_fx_inner(graph, inputs, **{**kwargs, "is_backward": True})
+                compiled = compile_fx_inner(graph, inputs, **{**kwargs, "is_backward": True})
             finally:
                 metadata.bw_donated_idxs = previous
+            if reuses_only_dead_buffers(getattr(compiled, "source_code", "")):
+                return compiled
+            recorded_strides = getattr(context, "output_strides", None)
+            if recorded_strides:
+                recorded_strides.clear()  # recorded by the rejected compile
+            return compile_fx_inner(graph, inputs, **kwargs)
 
-        # Inductor's caches do not key on donation: keep these graphs apart from any other.
+        # Inductor's caches do not key on donation: keep these graphs apart from any other, and
+        # skip AOTAutograd's cache, whose hits would bypass the check in `inner`.
         compiler_config: Any = torch.compiler.config
-        if not hasattr(compiler_config, "cache_key_tag"):
+        functorch_config: Any = torch._functorch.config
+        if not hasattr(compiler_config, "cache_key_tag") or not hasattr(functorch_config, "enable_autograd_cache"):
             return compile_fx(gm, example_inputs)
         tag = f"{compiler_config.cache_key_tag}|dpcompile-donated:{positions}"
-        with compiler_config.patch(cache_key_tag=tag):
+        with compiler_config.patch(cache_key_tag=tag), functorch_config.patch(enable_autograd_cache=False):
             return compile_fx(gm, example_inputs, inner_compile=inner)
 
     return backend
@@ -110,3 +121,44 @@ def lower_split(graphs: SplitGraphs, backend: Backend = "inductor") -> tuple[Cal
     saved_inputs = list(inspect.signature(backward.forward).parameters)[: graphs.num_saved]
     donated = [saved_inputs[k] for k in donatable_saved(graphs)]
     return forward, lower(backward, backend, donated=donated), relaid
+
+
+_REUSE = re.compile(r"^\s*(\w+) = (?:reinterpret_tensor\()?(\w+)\b.*; del \2\s+# reuse")
+_ALIAS = re.compile(r"^\s*(\w+) = (?:reinterpret_tensor\(|torch\.as_strided\()?(\w+)\b(?:\[.*\])?[^=]*# alias")
+
+
+def reuses_only_dead_buffers(source: str) -> bool:
+    """Whether Inductor's wrapper code never reads a buffer, or a view of it, after handing its
+    memory to another buffer (``x = arg; del arg  # reuse``).
+
+    Guards donation against a scheduling bug seen in torch 2.13: with the low-memory graph of the
+    MNIST CNN a saved input was reused while a later kernel still read it (the wrapper failed
+    with UnboundLocalError; through a view it would have read overwritten values). Straight-line
+    wrapper code makes the check syntactic: every read names the buffer or one of its views.
+    """
+    start = source.find("def call(")
+    if start < 0:
+        return False
+    header, *body = source[start:].splitlines()
+    indent = len(source[: start].rsplit("\n", 1)[-1])  # the def's own indentation
+    views: dict[str, set[str]] = {}  # buffer -> names that view its memory
+    dead: set[str] = set()
+    for line in body:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break  # end of `call`
+        reuse = _REUSE.match(line)
+        if reuse:
+            new, old = reuse.groups()
+            if old in dead:
+                return False
+            dead |= {old, *views.get(old, set())}
+            continue
+        names = set(re.findall(r"\b\w+\b", line))
+        if names & dead:
+            return False
+        alias = _ALIAS.match(line)
+        if alias:
+            view, base = alias.groups()
+            for root in (base, *(b for b, vs in views.items() if base in vs)):
+                views.setdefault(root, set()).add(view)
+    return True
