@@ -41,14 +41,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import fft as sp_fft
-from scipy import integrate
-from scipy.optimize import brentq
-from scipy.signal import lfilter
 from scipy.special import log_ndtr, logsumexp, ndtr, ndtri
 
 from dpcompile.accounting._validation import check_delta, check_positive, check_steps
 from dpcompile.accounting.base import Accountant, register_accountant
+
+# scipy's fft, integrate, optimize and signal packages (~50 MB resident together) are imported
+# where ε is computed, not with this module: every training run creates the accountant and
+# records steps, and a run that never asks for ε should not carry them.
 
 _EPS = float(np.finfo(float).eps)
 _TAIL_SIGMAS = 13.0
@@ -113,6 +113,8 @@ class _SingleStep:
         if self.q == 1.0:
             mu = 1.0 / self.sigma
             return mu * mu / 2.0 + mu * float(-ndtri(p))
+        from scipy.optimize import brentq
+
         lp = math.log(p)
         lo, hi = -60.0 * self.sigma, 1.0 + 60.0 * self.sigma
         if self.log_sf_x(lo) <= lp:
@@ -125,6 +127,8 @@ class _SingleStep:
         if self.q == 1.0:
             mu = 1.0 / self.sigma
             return mu * mu / 2.0 - mu * float(-ndtri(p))
+        from scipy.optimize import brentq
+
         lp = math.log(p)
         lo, hi = -60.0 * self.sigma - 1.0, 1.0 + 60.0 * self.sigma
         if self.log_cdf_x(lo) >= lp:
@@ -180,6 +184,8 @@ class _SingleStep:
             m, sd = mu * mu / 2.0, mu
             z = (m - t) / sd
             return float((m - t) * ndtr(z) + sd * math.exp(-0.5 * z * z) / math.sqrt(2 * math.pi))
+        from scipy import integrate
+
         val, _ = integrate.quad(lambda u: float(self.sf(np.array(u))), t, np.inf, limit=200)
         return float(val)
 
@@ -193,6 +199,8 @@ class _SingleStep:
         lo = self.log_1mq
         if t <= lo:
             return 0.0
+        from scipy import integrate
+
         val, _ = integrate.quad(lambda u: float(self.cdf(np.array(u))), lo, t, limit=200)
         return float(val)
 
@@ -382,6 +390,9 @@ class _WindowTooHigh(_Retry):
 def _compose_and_invert(discs: list[_Discrete], h: float, lam: float, bottom: float, top: float,
                         total_shift: float, targets: list[float],
                         de: float) -> tuple[_Result, float]:
+    from scipy import fft as sp_fft
+    from scipy.signal import lfilter
+
     i_bottom = int(math.floor((bottom - total_shift) / h))
     i_top = int(math.ceil((top - total_shift) / h))
     needed = i_top - i_bottom + 1

@@ -272,3 +272,25 @@ def test_state_round_trip_random(history):
     assert fresh.history == acc.history
     assert fresh.steps == sum(n for _, _, n in history)
     assert fresh.epsilon(1e-5) == acc.epsilon(1e-5)
+
+
+def test_training_setup_loads_no_heavy_scipy_packages():
+    """Creating the default accountant and recording steps imports neither scipy.optimize,
+    integrate nor signal (~50 MB resident); computing ε does, and the lazy names resolve."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dpcompile\n"
+        "from dpcompile.accounting import available_accountants, create_accountant\n"
+        "assert available_accountants() == ['gdp', 'prv', 'rdp'], available_accountants()\n"
+        "acc = create_accountant('prv')\n"
+        "acc.step(1.0, 0.01, steps=100)\n"
+        "heavy = ('scipy.optimize', 'scipy.integrate', 'scipy.signal')\n"
+        "assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]\n"
+        "assert 0 < acc.epsilon(1e-5) < 10\n"
+        "from dpcompile.accounting import GDPAccountant, PRVAccountant, gaussian_mu\n"
+        "assert type(acc) is PRVAccountant and create_accountant('gdp').name == 'gdp'\n"
+        "assert 'scipy.optimize' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
