@@ -8,7 +8,7 @@ For each workload and batch size, every system is prepared in one process and th
 timed with interleaved repetitions (system A, B, C, A, B, C, ...); the table reports medians as
 ratios to the non-private ``torch.compile`` step. Peak memory is measured per system in a fresh
 subprocess (the high-water mark of resident memory during training steps, minus the process's
-footprint before the model was built) and reported as a ratio to the same baseline. Compile time
+footprint before the model was built, with the system's libraries imported) and reported as a ratio to the same baseline. Compile time
 is the time to build the system plus its first step, with a cold Inductor cache unless
 ``--warm-cache``. Graph counts run a Poisson epoch's batch sizes through each system's compiler
 (Dynamo with a counting backend, dpcompile with its eager backend).
@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
-from bench.systems import ALL_SYSTEMS, BASELINE, Unavailable, prepare  # noqa: E402
+from bench.systems import ALL_SYSTEMS, BASELINE, Unavailable, import_libraries, prepare  # noqa: E402
 from bench.workloads import Workload, layers, models  # noqa: E402
 from dpcompile.engine import release_free_heap  # noqa: E402
 
@@ -116,6 +116,7 @@ def _rss() -> int:
 
 def memory_child(workload_name: str, kind: str, batch: int, system: str, quick: bool) -> dict[str, Any]:
     workload = next(w for w in (models(quick) if kind == "model" else layers(quick)) if w.name == workload_name)
+    import_libraries(system)  # library imports are footprint, for every system alike
     base = _rss()
     try:
         p = prepare(system, workload, batch, quick)
