@@ -173,11 +173,34 @@ def _alias_base(node: fx.Node) -> fx.Node | None:
             return None
         if not _returns_alias(target):
             return node
-        source = next((a for a in node.args if isinstance(a, fx.Node)), None)
+        source = _aliased_argument(node, target)
         if source is None:
             return None
         node = source
     return node
+
+
+def _aliased_argument(node: fx.Node, target: torch._ops.OpOverload) -> fx.Node | None:
+    """The argument a view op's result aliases: the one whose schema alias set the result's
+    shares (``_unsafe_view``: its input), or None when there is no single such node."""
+    schema = target._schema
+    if target.overloadpacket is torch.ops.aten._unsafe_view:
+        wanted = {schema.arguments[0].name}
+    else:
+        sets = {s for r in schema.returns if r.alias_info is not None for s in r.alias_info.before_set}
+        # a list of views (split, unbind) carries its alias set on the elements: the schema's
+        # annotated argument is then the one
+        wanted = {a.name for a in schema.arguments
+                  if a.alias_info is not None and (not sets or set(a.alias_info.before_set) & sets)}
+    found = []
+    for position, argument in enumerate(schema.arguments):
+        if argument.name not in wanted:
+            continue
+        value = node.args[position] if position < len(node.args) else node.kwargs.get(argument.name)
+        found.append(value)
+    if len(found) != 1 or not isinstance(found[0], fx.Node):
+        return None
+    return found[0]
 
 
 def _returns_alias(target: object) -> bool:

@@ -1,5 +1,7 @@
 """The forward/backward split, and the backward that accepts saved values of any strides."""
 
+import operator
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -114,9 +116,10 @@ def test_donatable_saved_values_are_the_forwards_own_intermediates():
     z_view = graph.call_function(torch.ops.aten.view.default, (z, [-1]))
     x_view = graph.call_function(torch.ops.aten.view.default, (x, [-1]))
     w = graph.call_function(torch.ops.aten.sin.default, (x,))
-    graph.output((y, y, z, z_view, x_view, w))
+    x_part = graph.call_function(operator.getitem, (graph.call_function(torch.ops.aten.split.Tensor, (x, 1)), 0))
+    graph.output((y, y, z, z_view, x_view, w, x_part))
     gm = fx.GraphModule(torch.nn.Module(), graph)
-    split_graphs = SplitGraphs(gm, gm, num_outputs=1, num_saved=5)
+    split_graphs = SplitGraphs(gm, gm, num_outputs=1, num_saved=6)
     assert donatable_saved(split_graphs) == [4]  # only `w`: the others alias y, x or each other
 
 
