@@ -8,8 +8,8 @@ For each workload and batch size, every system is prepared in one process and th
 timed with interleaved repetitions (system A, B, C, A, B, C, ...); the table reports medians as
 ratios to the non-private ``torch.compile`` step. Peak memory is measured per system in a fresh
 subprocess (the high-water mark of resident memory during training steps, minus the process's
-footprint before the model was built, with the system's libraries imported) and reported as a ratio to the same baseline. Compile time
-is the time to build the system plus its first step, with a cold Inductor cache unless
+footprint before the model was built and after the system's library was imported) and reported
+as a ratio to the same baseline. Compile time is the time to build the system plus its first step, with a cold Inductor cache unless
 ``--warm-cache``. Graph counts run a Poisson epoch's batch sizes through each system's compiler
 (Dynamo with a counting backend, dpcompile with its eager backend).
 """

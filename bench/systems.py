@@ -78,8 +78,6 @@ def import_libraries(system: str) -> None:
             from opacus.validators import ModuleValidator  # noqa: F401
         except ImportError:
             pass  # prepare reports it
-    elif system.startswith("dpcompile"):
-        import dpcompile  # noqa: F401
 
 
 def prepare(system: str, workload: Workload, batch_size: int, quick: bool = False) -> Prepared:

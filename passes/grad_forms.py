@@ -254,18 +254,20 @@ class Convolution(GradForm):
         through unfolded windows (:attr:`unfolds_windows`)."""
         b, n = self.batch, hi - lo
         outer, inner = self.sample.outer, self.sample.inner
-        if self.unfolds_windows:
-            def samples(t: torch.Tensor) -> torch.Tensor:
-                return t if n == b else t.unflatten(0, (outer, b, inner))[:, lo:hi].flatten(0, 2)
 
-            block = dataclasses.replace(self, x=samples(self.x), grad=samples(self.grad), batch_size=n)
+        def frames(t: torch.Tensor) -> torch.Tensor:
+            """The frames of samples lo:hi, (outer, n, inner, ...): a view."""
+            return t.unflatten(0, (outer, b, inner))[:, lo:hi]
+
+        if self.unfolds_windows:
+            block = dataclasses.replace(self, x=frames(self.x).flatten(0, 2),
+                                        grad=frames(self.grad).flatten(0, 2), batch_size=n)
             return block.as_outer().materialize()
 
         def samples_as_channels(t: torch.Tensor) -> torch.Tensor:
             if outer == 1 and inner == 1:  # sample-major already: a view, no permute to copy
                 return t[lo:hi].reshape(1, n * t.shape[1], *t.shape[2:])
-            split = t.unflatten(0, (outer, b, inner))[:, lo:hi].transpose(1, 2)
-            return split.reshape(outer * inner, n * t.shape[1], *t.shape[2:])
+            return frames(t).transpose(1, 2).reshape(outer * inner, n * t.shape[1], *t.shape[2:])
 
         weight = self.x.new_empty(n * self.weight_shape[0], *self.weight_shape[1:])
         per_sample = torch.ops.aten.convolution_backward(

@@ -106,6 +106,11 @@ def with_eager_row_sums(graph_module: fx.GraphModule) -> fx.GraphModule:
     return _edited_copy(graph_module, unscaled_on_cpu, row_sum)
 
 
+def for_inductor(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """The graph with every substitution above that applies (each copies only when it matches)."""
+    return with_eager_max_pool_backward(with_eager_row_sums(with_fused_cells(graph_module)))
+
+
 def _edited_copy(graph_module: fx.GraphModule, selected: Callable[[fx.Node], bool],
                  edit: Callable[[fx.Node], None]) -> fx.GraphModule:
     """``graph_module`` itself when no node is selected, else a copy with ``edit`` applied to each

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
-from passes.kernels import with_eager_max_pool_backward, with_eager_row_sums, with_fused_cells
+from passes.kernels import for_inductor
 from passes.partition import SplitGraphs, accepting_any_strides, donatable_saved
 
 Backend = Literal["inductor", "eager"]
@@ -31,7 +31,7 @@ def lower(graph_module: fx.GraphModule, backend: Backend = "inductor", *,
     if backend == "eager":
         return graph_module
     if backend == "inductor":
-        graph_module = with_eager_max_pool_backward(with_eager_row_sums(with_fused_cells(graph_module)))
+        graph_module = for_inductor(graph_module)
         # Shapes are static: one compiled graph per physical batch shape, never re-specialized.
         if donated:
             if not keep_output_strides:
@@ -69,11 +69,16 @@ def _donating_inductor(donated: frozenset[str]) -> Callable[..., Any]:
             source = getattr(node.meta.get("grapharg"), "source", None)
             names.append(source.local_name if isinstance(source, LocalSource) else None)
         positions = [k for k, name in enumerate(names) if name in donated]
+        compiler_config: Any = torch.compiler.config
+        functorch_config: Any = torch._functorch.config
+        if not positions or not hasattr(compiler_config, "cache_key_tag") \
+                or not hasattr(functorch_config, "enable_autograd_cache"):
+            return compile_fx(gm, example_inputs)
 
         def inner(graph: fx.GraphModule, inputs: list[Any], **kwargs: Any) -> Any:
             context = torch._guards.TracingContext.try_get()
             metadata: Any = getattr(context, "fw_metadata", None)
-            if not positions or len(inputs) != len(names) or not hasattr(metadata, "bw_donated_idxs"):
+            if len(inputs) != len(names) or not hasattr(metadata, "bw_donated_idxs"):
                 return compile_fx_inner(graph, inputs, **kwargs)
             previous = metadata.bw_donated_idxs
             metadata.bw_donated_idxs = positions
@@ -90,10 +95,6 @@ def _donating_inductor(donated: frozenset[str]) -> Callable[..., Any]:
 
         # Inductor's caches do not key on donation: keep these graphs apart from any other, and
         # skip AOTAutograd's cache, whose hits would bypass the check in `inner`.
-        compiler_config: Any = torch.compiler.config
-        functorch_config: Any = torch._functorch.config
-        if not hasattr(compiler_config, "cache_key_tag") or not hasattr(functorch_config, "enable_autograd_cache"):
-            return compile_fx(gm, example_inputs)
         tag = f"{compiler_config.cache_key_tag}|dpcompile-donated:{positions}"
         with compiler_config.patch(cache_key_tag=tag), functorch_config.patch(enable_autograd_cache=False):
             return compile_fx(gm, example_inputs, inner_compile=inner)
@@ -139,7 +140,7 @@ def reuses_only_dead_buffers(source: str) -> bool:
     start = source.find("def call(")
     if start < 0:
         return False
-    header, *body = source[start:].splitlines()
+    _, *body = source[start:].splitlines()  # the lines after `def call(`
     indent = len(source[: start].rsplit("\n", 1)[-1])  # the def's own indentation
     views: dict[str, set[str]] = {}  # buffer -> names that view its memory
     dead: set[str] = set()

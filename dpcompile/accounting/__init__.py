@@ -21,26 +21,15 @@ from dpcompile.accounting.base import (
     register_accountant,
 )
 from dpcompile.accounting.calibration import get_noise_multiplier, steps_for_epochs
+from dpcompile.accounting.gdp import (
+    GDPAccountant,
+    GDPApproximationWarning,
+    gaussian_delta,
+    gaussian_epsilon,
+    gaussian_mu,
+)
+from dpcompile.accounting.prv import PRVAccountant
 from dpcompile.accounting.rdp import DEFAULT_ORDERS, RDPAccountant, RDPOrderWarning, compute_rdp
-
-# The GDP and PRV modules load scipy's optimize, integrate and signal packages (~40 MB resident):
-# imported on first use (here, and by create_accountant), not with the package.
-_LAZY = {
-    "GDPAccountant": "gdp",
-    "GDPApproximationWarning": "gdp",
-    "gaussian_delta": "gdp",
-    "gaussian_epsilon": "gdp",
-    "gaussian_mu": "gdp",
-    "PRVAccountant": "prv",
-}
-
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"dpcompile.accounting.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'dpcompile.accounting' has no attribute {name!r}")
 
 __all__ = [
     "Accountant",

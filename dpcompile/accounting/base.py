@@ -8,7 +8,6 @@ it into an (ε, δ) guarantee under add/remove-one adjacency.
 from __future__ import annotations
 
 import abc
-import importlib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
@@ -179,8 +178,6 @@ def _parse_history(raw: Any) -> list[Segment]:
 
 # ---------------------------------------------------------------------- registry
 _REGISTRY: dict[str, type[Accountant]] = {}
-# Built-in accountants imported on first use (their modules load large parts of scipy).
-_BUILT_IN_MODULES = {"gdp": "dpcompile.accounting.gdp", "prv": "dpcompile.accounting.prv"}
 
 A = TypeVar("A", bound=type[Accountant])
 
@@ -208,13 +205,11 @@ def register_accountant(name: str) -> Callable[[A], A]:
 
 def available_accountants() -> list[str]:
     """Names of the registered accountants, sorted."""
-    return sorted(set(_REGISTRY) | set(_BUILT_IN_MODULES))
+    return sorted(_REGISTRY)
 
 
 def create_accountant(name: str, **kwargs: Any) -> Accountant:
     """Instantiate the accountant registered under ``name`` with ``kwargs``."""
-    if isinstance(name, str) and name not in _REGISTRY and name in _BUILT_IN_MODULES:
-        importlib.import_module(_BUILT_IN_MODULES[name])
     cls = _REGISTRY.get(name) if isinstance(name, str) else None
     if cls is None:
         raise ValueError(

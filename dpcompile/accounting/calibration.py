@@ -19,6 +19,7 @@ from dpcompile.accounting._validation import (
     check_steps,
 )
 from dpcompile.accounting.base import Accountant, create_accountant
+from dpcompile.accounting.gdp import gaussian_mu
 from dpcompile.accounting.rdp import RDPOrderWarning
 
 SIGMA_MIN = 1e-2
@@ -114,8 +115,6 @@ def get_noise_multiplier(
         return evaluated[sigma]
 
     # Initial guess from the μ-GDP central limit approximation.
-    from dpcompile.accounting.gdp import gaussian_mu  # scipy.optimize, loaded on first use
-
     mu = gaussian_mu(eps_t, delta)
     if q == 1.0:
         guess = math.sqrt(n) / mu

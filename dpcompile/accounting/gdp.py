@@ -17,9 +17,9 @@ import math
 import warnings
 
 import numpy as np
-from scipy.optimize import brentq
 from scipy.special import log_ndtr
 
+from dpcompile.accounting._scipy import brentq
 from dpcompile.accounting._validation import check_delta, check_positive
 from dpcompile.accounting.base import Accountant, AccountingWarning, register_accountant
 

@@ -43,12 +43,9 @@ from typing import Any
 import numpy as np
 from scipy.special import log_ndtr, logsumexp, ndtr, ndtri
 
+from dpcompile.accounting._scipy import brentq, irfft, lfilter, next_fast_len, quad, rfft
 from dpcompile.accounting._validation import check_delta, check_positive, check_steps
 from dpcompile.accounting.base import Accountant, register_accountant
-
-# scipy's fft, integrate, optimize and signal packages (~50 MB resident together) are imported
-# where ε is computed, not with this module: every training run creates the accountant and
-# records steps, and a run that never asks for ε should not carry them.
 
 _EPS = float(np.finfo(float).eps)
 _TAIL_SIGMAS = 13.0
@@ -113,8 +110,6 @@ class _SingleStep:
         if self.q == 1.0:
             mu = 1.0 / self.sigma
             return mu * mu / 2.0 + mu * float(-ndtri(p))
-        from scipy.optimize import brentq
-
         lp = math.log(p)
         lo, hi = -60.0 * self.sigma, 1.0 + 60.0 * self.sigma
         if self.log_sf_x(lo) <= lp:
@@ -127,8 +122,6 @@ class _SingleStep:
         if self.q == 1.0:
             mu = 1.0 / self.sigma
             return mu * mu / 2.0 - mu * float(-ndtri(p))
-        from scipy.optimize import brentq
-
         lp = math.log(p)
         lo, hi = -60.0 * self.sigma - 1.0, 1.0 + 60.0 * self.sigma
         if self.log_cdf_x(lo) >= lp:
@@ -184,9 +177,7 @@ class _SingleStep:
             m, sd = mu * mu / 2.0, mu
             z = (m - t) / sd
             return float((m - t) * ndtr(z) + sd * math.exp(-0.5 * z * z) / math.sqrt(2 * math.pi))
-        from scipy import integrate
-
-        val, _ = integrate.quad(lambda u: float(self.sf(np.array(u))), t, np.inf, limit=200)
+        val, _ = quad(lambda u: float(self.sf(np.array(u))), t, np.inf, limit=200)
         return float(val)
 
     def lower_partial_mean(self, t: float) -> float:
@@ -199,9 +190,7 @@ class _SingleStep:
         lo = self.log_1mq
         if t <= lo:
             return 0.0
-        from scipy import integrate
-
-        val, _ = integrate.quad(lambda u: float(self.cdf(np.array(u))), lo, t, limit=200)
+        val, _ = quad(lambda u: float(self.cdf(np.array(u))), lo, t, limit=200)
         return float(val)
 
 
@@ -390,13 +379,10 @@ class _WindowTooHigh(_Retry):
 def _compose_and_invert(discs: list[_Discrete], h: float, lam: float, bottom: float, top: float,
                         total_shift: float, targets: list[float],
                         de: float) -> tuple[_Result, float]:
-    from scipy import fft as sp_fft
-    from scipy.signal import lfilter
-
     i_bottom = int(math.floor((bottom - total_shift) / h))
     i_top = int(math.ceil((top - total_shift) / h))
     needed = i_top - i_bottom + 1
-    n = sp_fft.next_fast_len(max(needed, 16), real=True)
+    n = next_fast_len(max(needed, 16), real=True)
     if n % 2:
         n += 1
 
@@ -409,13 +395,13 @@ def _compose_and_invert(discs: list[_Discrete], h: float, lam: float, bottom: fl
         tilted = np.exp(logp - log_m)
         idx = d.i_lo + np.arange(len(d.pmf))
         folded = np.bincount(np.mod(idx, n), weights=tilted, minlength=n)
-        spec = sp_fft.rfft(folded)
+        spec = rfft(folded)
         spec[0] = 1.0  # the exact total mass: keeps the power from drifting
         spec = spec ** d.steps if d.steps > 1 else spec
         spectrum = spec if spectrum is None else spectrum * spec
         log_m_total += d.steps * log_m
     assert spectrum is not None
-    circ = sp_fft.irfft(spectrum, n)
+    circ = irfft(spectrum, n)
     # Representatives of the residues in the window [i_bottom, i_bottom + n).
     z = np.roll(circ, -(i_bottom % n))
     lattice = i_bottom + np.arange(n)
