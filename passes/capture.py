@@ -28,14 +28,23 @@ import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 from torch import nn
 from torch._decomp import core_aten_decompositions
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 from torch.func import functional_call, functionalize
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils._pytree import TreeSpec, tree_flatten
 
-from passes.errors import BatchDimensionError, LossError, OutputError
+from passes.errors import BatchDimensionError, LossError, OutputError, UnsupportedOpError
 from passes.rnn import recurrences_as_scans
 
 aten = torch.ops.aten
+
+# What tracing with fake tensors raises where the model branches on, or reads, a tensor's value.
+_DATA_DEPENDENT = (
+    GuardOnDataDependentSymNode,
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+)
 
 # Ops kept whole: per-sample rules know them (see passes/per_sample_rules.py), or their
 # decomposition does not match the fused backward kernel they are paired with (the CPU flash
@@ -313,7 +322,20 @@ def capture(
     ]
     table = decomposition_table()
     with rnn_as_matmuls():
-        traced = make_fx(joint, decomposition_table=table)(*flat_inputs)
+        # Traced with fake tensors: shapes only, no compute, and one fake mode for every node's
+        # value (a real trace gives each node its own fake mode and stack trace to keep).
+        try:
+            traced = make_fx(joint, decomposition_table=table, tracing_mode="fake")(*flat_inputs)
+        except _DATA_DEPENDENT as error:
+            name, kind = scopes.stack[-1] if scopes.stack else ("", type(model).__name__)
+            where = f"module `{name}` ({kind})" if name else kind
+            first = str(error).strip().splitlines()[0][:200]
+            raise UnsupportedOpError(
+                f"{where} reads a tensor's value to decide what to compute ({first}). dpcompile "
+                "traces one graph per batch shape, so the computation cannot depend on the data's "
+                "values: replace Python branches on tensors with torch.where, and .item(), "
+                ".tolist() or nonzero() with tensor ops"
+            ) from None
         for node in traced.graph.nodes:
             node.meta.setdefault("custom", {})
 
@@ -322,7 +344,7 @@ def capture(
                 return fx.Interpreter(traced).run(*args)
 
         plain_inputs = [t.detach() for t in flat_inputs]
-        graph_module = make_fx(functionalize(replay), decomposition_table=table)(*plain_inputs)
+        graph_module = make_fx(functionalize(replay), decomposition_table=table, tracing_mode="fake")(*plain_inputs)
     if not grad_for:
         raise OutputError(
             f"no trainable parameter of {type(model).__name__} influences its output: "

@@ -413,7 +413,7 @@ def private_backward(
         example_inputs = example_private_inputs(capture)
         if clipping == "per_layer":
             example_inputs[-1] = example_inputs[-1].expand(len(capture.grad_for)).clone()
-    graph_module = merge_duplicates(make_fx(rewriter, decomposition_table=decomposition_table())(*example_inputs))
+    graph_module = merge_duplicates(make_fx(rewriter, decomposition_table=decomposition_table(), tracing_mode="fake")(*example_inputs))
     graph_module.graph.eliminate_dead_code()
     graph_module.recompile()
     return PrivateGraph(graph_module, capture, clipping, dict(rewriter.plans))

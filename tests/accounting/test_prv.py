@@ -37,7 +37,9 @@ def test_design_vector_is_opacus_default():
     opacus = pytest.importorskip("opacus.accountants")
     ref = opacus.PRVAccountant()
     ref.history = [(1.5, 0.04, 2249)]
-    assert ref.get_epsilon(1e-5) == pytest.approx(6.777395712, abs=1e-9)
+    # Opacus's PRV goes through numpy's FFT, whose last digits depend on the CPU's vector unit
+    # (6.777395712 with AVX-512, 6.7773957101 with AVX2): 1e-8 still pins the design vector.
+    assert ref.get_epsilon(1e-5) == pytest.approx(6.777395712, abs=1e-8)
 
 
 # (σ, T, δ, eps_error) with q = 1: the composition is exactly μ-GDP, μ = √T/σ.

@@ -210,3 +210,25 @@ def test_bad_clipping_arguments():
         )
     with pytest.raises(ValueError, match="clipping"):
         PerSampleGradients(model, sum_loss, clipping="adaptive")
+
+
+class _Gate(nn.Module):
+    """Branches on the batch's values: one trace cannot stand for every batch."""
+
+    def __init__(self, read):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.read = read
+
+    def forward(self, x):
+        return self.lin(x) if self.read(x) else self.lin(-x)
+
+
+@pytest.mark.parametrize("read", [lambda x: x.sum() > 0, lambda x: int((x > 0).sum()) > 3, lambda x: x.nonzero().shape[0] > 2])
+def test_data_dependent_control_flow_names_module_and_fix(read):
+    model = nn.Sequential(nn.Identity(), _Gate(read))
+    with pytest.raises(UnsupportedOpError) as info:
+        compile_and_run(model, torch.randn(4, 3, dtype=D))
+    message = str(info.value)
+    assert "module `1` (_Gate)" in message
+    assert "torch.where" in message
