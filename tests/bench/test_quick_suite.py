@@ -25,3 +25,13 @@ def test_quick_suite_writes_results(tmp_path):
         assert results["dpcompile"]["graphs"] >= 1
     first = data["cells"][0]
     assert first["memory"]["dpcompile"]["peak_bytes"] > 0
+
+
+def test_live_memory_takes_a_step_apart(capsys):
+    from bench import live_memory
+
+    assert live_memory.main(["mlp", "dpcompile", "--quick", "--batch", "64", "--blocks", "0"]) == 0
+    out = capsys.readouterr().out
+    peak = float(out.split("during a step ")[1].split(" MiB")[0])
+    assert peak > 0
+    assert "MiB  " in out and "in allocation order" in out
