@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,15 +28,15 @@ MiB = 2**20
 
 
 def step_allocations(step: Any) -> list[tuple[int, int, int, tuple[str, ...]]]:
-    """(time, address, bytes (negative: a free), enclosing op names) of every allocation event."""
-    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])],
-                 profile_memory=True) as prof:
+    """(time, address, bytes (negative: a free), enclosing op names) of every host allocation
+    (the benchmark's systems run on the CPU)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events: list[tuple[int, int, int, tuple[str, ...]]] = []
 
     def walk(event: Any, path: tuple[str, ...]) -> None:
         fields = event.extra_fields
-        if type(fields).__name__ == "_ExtraFields_Allocation":
+        if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
             events.append((event.start_time_ns, fields.ptr, fields.alloc_size, path))
         for child in event.children:
             walk(child, (*path, event.name))

@@ -73,6 +73,13 @@ def decomposition_table() -> dict[Any, Callable[..., Any]]:
     return dict(_decompositions())
 
 
+def trace(fn: Callable[..., Any], *inputs: torch.Tensor) -> fx.GraphModule:
+    """``fn`` as an aten graph, traced with fake tensors: shapes only, no compute, and one fake
+    mode for every node's value (a real-tensor trace gives each node its own, each keeping a
+    stack trace for as long as the graph lives)."""
+    return make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="fake")(*inputs)
+
+
 @dataclass
 class Capture:
     """A captured joint forward+backward graph and the layout of its inputs and outputs."""
@@ -168,7 +175,10 @@ def node_module(node: fx.Node) -> str | None:
     kind = custom.get("dp_module_type")
     if not kind:
         return None
-    name = custom.get("dp_module")
+    return _module_label(custom.get("dp_module") or "", kind)
+
+
+def _module_label(name: str, kind: str) -> str:
     return f"`{name}` ({kind})" if name else f"the model's own forward ({kind})"
 
 
@@ -320,15 +330,12 @@ def capture(
         *(t.detach() for t in batch),
         *seeds,
     ]
-    table = decomposition_table()
     with rnn_as_matmuls():
-        # Traced with fake tensors: shapes only, no compute, and one fake mode for every node's
-        # value (a real trace gives each node its own fake mode and stack trace to keep).
         try:
-            traced = make_fx(joint, decomposition_table=table, tracing_mode="fake")(*flat_inputs)
+            traced = trace(joint, *flat_inputs)
         except _DATA_DEPENDENT as error:
             name, kind = scopes.stack[-1] if scopes.stack else ("", type(model).__name__)
-            where = f"module `{name}` ({kind})" if name else kind
+            where = f"module {_module_label(name, kind)}" if name else _module_label(name, kind)
             first = str(error).strip().splitlines()[0][:200]
             raise UnsupportedOpError(
                 f"{where} reads a tensor's value to decide what to compute ({first}). dpcompile "
@@ -344,7 +351,7 @@ def capture(
                 return fx.Interpreter(traced).run(*args)
 
         plain_inputs = [t.detach() for t in flat_inputs]
-        graph_module = make_fx(functionalize(replay), decomposition_table=table, tracing_mode="fake")(*plain_inputs)
+        graph_module = trace(functionalize(replay), *plain_inputs)
     if not grad_for:
         raise OutputError(
             f"no trainable parameter of {type(model).__name__} influences its output: "

@@ -26,10 +26,9 @@ from typing import Any, Literal
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_map
 
-from passes.capture import Capture, decomposition_table
+from passes.capture import Capture, trace
 from passes.errors import DPCompileError
 from passes.grad_forms import Dense, GradForm, NormPlan, combine_sq_norms, fallback_rule
 from passes.per_sample_rules import RuleContext, chain_form, per_sample_form, vmap_node
@@ -124,7 +123,7 @@ def _with_output_mask(node: fx.Node, env: dict[fx.Node, Any], keep: set[int],
 
 
 class _Rewriter:
-    """Evaluates the captured graph with the gradient region replaced (traced by make_fx)."""
+    """Evaluates the captured graph with the gradient region replaced (traced by passes.capture.trace)."""
 
     def __init__(self, capture: Capture, analysis: Analysis, clipping: Clipping,
                  nonfinite: NonFinite = "error", low_memory: bool = False) -> None:
@@ -413,7 +412,7 @@ def private_backward(
         example_inputs = example_private_inputs(capture)
         if clipping == "per_layer":
             example_inputs[-1] = example_inputs[-1].expand(len(capture.grad_for)).clone()
-    graph_module = merge_duplicates(make_fx(rewriter, decomposition_table=decomposition_table(), tracing_mode="fake")(*example_inputs))
+    graph_module = merge_duplicates(trace(rewriter, *example_inputs))
     graph_module.graph.eliminate_dead_code()
     graph_module.recompile()
     return PrivateGraph(graph_module, capture, clipping, dict(rewriter.plans))
