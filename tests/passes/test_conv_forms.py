@@ -120,3 +120,52 @@ def test_first_layer_per_sample_gradients_match_the_reference(layer):
     assert plan.strategy == "materialized"
     windows = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
     assert any("unfolded" in n for n in plan.notes) == (windows <= layer.out_channels)
+
+
+class Stack(nn.Module):
+    """Convolutions of every kind the deferred clipped sum must handle: grouped, transposed, 1-D,
+    and frames folded into the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, groups=2)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.temporal = nn.Conv1d(4, 5, 3)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):  # (B, 2, 3, 6, 6): two frames per sample
+        b = x.shape[0]
+        h = torch.tanh(self.grouped(torch.relu(self.conv(x.flatten(0, 1)))))
+        h = self.up(h).mean(-1)  # (B·2, 4, 8)
+        h = self.temporal(h.view(b, 2, 4, 8).mean(1))  # (B, 5, 6)
+        return self.head(h.mean(-1))
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("deferred", [True, False], ids=["deferred", "held"])
+def test_clipped_sum_from_scaled_output_gradient(monkeypatch, deferred, clipping):
+    """Whether a convolution's per-sample gradients are held for the clipped sum or it is
+    recomputed from the clip-scaled output gradient, norms and clipped sums are exact."""
+    monkeypatch.setattr(grad_forms, "CONV_DEFER_RATIO", 0.0 if deferred else float("inf"))
+    monkeypatch.setattr(grad_forms, "CONV_SAMPLES_PER_CALL_CPU", 2)
+    monkeypatch.setattr(grad_forms, "CONV_ONE_CALL_BYTES_CPU", 0)
+    torch.manual_seed(4)
+    compiled = assert_matches_reference(Stack().to(D), torch.randn(5, 2, 3, 6, 6, dtype=D), clipping=clipping)
+    materialized = {n: p for n, p in compiled.plans().items() if p.strategy == "materialized"}
+    assert materialized, "the test needs convolutions whose norms come from per-sample gradients"
+    for plan in materialized.values():
+        assert any("clip-scaled output gradient" in n for n in plan.notes) == deferred
+
+
+def test_which_convolutions_defer():
+    """The CIFAR-10 CNN at B=256: the third layer's per-sample gradients (36 MiB) dwarf its input
+    and output gradient (8 MiB) and are not held; the second layer's (18 MiB against 24) are."""
+    def form(c_in, c_out, size):
+        x, grad = torch.empty(256, c_in, size, size), torch.empty(256, c_out, size, size)
+        shape = (c_out, c_in, 3, 3)
+        return Convolution(x, grad, shape, (1, 1), (1, 1), (1, 1), False, (0, 0), 1, SampleDim(0), 256, shape)
+
+    assert form(64, 64, 8).defers_clipped_sum
+    assert not form(32, 64, 16).defers_clipped_sum
+    assert not form(3, 32, 32).defers_clipped_sum
