@@ -207,6 +207,10 @@ def write_report(data: dict[str, Any], out_dir: Path, quick: bool) -> Path:
         if not cells:
             continue
         lines += [f"## {title}", ""]
+        # Sections merged from separate runs say where and when their cells were measured.
+        origins = sorted({(c.get("machine", data["machine"]), c.get("date", data["date"])) for c in cells})
+        if origins != [(data["machine"], data["date"])]:
+            lines += [f"Measured on {machine}, {date}." for machine, date in origins] + [""]
         header = "| workload | B | " + " | ".join(f"{s} step" for s in systems) + " | " + \
             " | ".join(f"{s} mem" for s in systems if s != BASELINE) + " |"
         lines += [header, "|" + "---|" * (2 + len(systems) + len(systems) - 1)]
@@ -402,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = tqdm(plan, desc="benchmark", unit="cell")
     for k, (workload, batch, kind) in enumerate(progress):
         results = measure_cell(workload, batch, systems, quick, repeats, epoch_steps, progress)
-        cell = {"workload": workload.name, "kind": kind, "batch": batch, "note": workload.note, "results": results}
+        cell = {"workload": workload.name, "kind": kind, "batch": batch, "note": workload.note,
+                "machine": data["machine"], "date": data["date"], "results": results}
         # Quick mode measures memory once (baseline and dpcompile) just to exercise the path.
         if not args.no_memory and (not quick or k == 0):
             progress.set_postfix_str(f"{workload.name} B={batch} memory")

@@ -35,3 +35,25 @@ def test_live_memory_takes_a_step_apart(capsys):
     peak = float(out.split("during a step ")[1].split(" MiB")[0])
     assert peak > 0
     assert "MiB  " in out and "in allocation order" in out
+
+
+def test_report_names_the_machine_of_merged_sections(tmp_path):
+    cell = {
+        "workload": "linear",
+        "batch": 16,
+        "results": {"compiled": {"step_s": 1e-3, "compile_s": 1.0, "graphs": 1}},
+    }
+    data = {
+        "date": "2026-12-03",
+        "machine": "new machine",
+        "systems": ["compiled"],
+        "notes": "",
+        "cells": [
+            dict(cell, kind="models", machine="new machine", date="2026-12-03"),
+            dict(cell, kind="layers", machine="old machine", date="2026-12-02"),
+        ],
+    }
+    report = run.write_report(data, tmp_path, quick=True).read_text()
+    models, layers = report.split("## Single layers")
+    assert "Measured on" not in models
+    assert "Measured on old machine, 2026-12-02." in layers
