@@ -184,6 +184,13 @@ def machine_description() -> str:
             f"Python {platform.python_version()}, {', '.join(versions)}")
 
 
+def _origin(cell: dict[str, Any], default: tuple[str, str], prefix: str = "") -> tuple[str, str]:
+    """(machine, date) a cell's timings (or, with ``prefix="memory_"``, its peak memory) were
+    measured on: a memory re-measure records its own, otherwise the cell's, else the run's."""
+    machine = cell.get(f"{prefix}machine", cell.get("machine", default[0]))
+    return machine, cell.get(f"{prefix}date", cell.get("date", default[1]))
+
+
 def write_report(data: dict[str, Any], out_dir: Path, quick: bool) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -207,10 +214,15 @@ def write_report(data: dict[str, Any], out_dir: Path, quick: bool) -> Path:
         if not cells:
             continue
         lines += [f"## {title}", ""]
-        # Sections merged from separate runs say where and when their cells were measured.
-        origins = sorted({(c.get("machine", data["machine"]), c.get("date", data["date"])) for c in cells})
-        if origins != [(data["machine"], data["date"])]:
-            lines += [f"Measured on {machine}, {date}." for machine, date in origins] + [""]
+        # Sections merged from separate runs, or whose memory was re-measured (--memory-only),
+        # say where and when their cells were measured.
+        header_origin = (data["machine"], data["date"])
+        step_origins = sorted({_origin(c, header_origin) for c in cells})
+        memory_origins = sorted({_origin(c, header_origin, "memory_") for c in cells if "memory" in c})
+        if step_origins != [header_origin]:
+            lines += [f"Measured on {machine}, {date}." for machine, date in step_origins] + [""]
+        if memory_origins and memory_origins != step_origins:
+            lines += [f"Peak memory measured on {machine}, {date}." for machine, date in memory_origins] + [""]
         header = "| workload | B | " + " | ".join(f"{s} step" for s in systems) + " | " + \
             " | ".join(f"{s} mem" for s in systems if s != BASELINE) + " |"
         lines += [header, "|" + "---|" * (2 + len(systems) + len(systems) - 1)]
@@ -394,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             cell = cells[(workload.name, batch)]
             measured = [s for s in systems if s in data["systems"]]
             cell.setdefault("memory", {}).update(measure_memory(workload, batch, measured, quick, env))
-            cell["memory_remeasured"] = datetime.date.today().isoformat()
+            cell["memory_machine"], cell["memory_date"] = machine_description(), datetime.date.today().isoformat()
         return _rewrite_report(data, args)
     data: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),

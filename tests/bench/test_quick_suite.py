@@ -57,3 +57,14 @@ def test_report_names_the_machine_of_merged_sections(tmp_path):
     models, layers = report.split("## Single layers")
     assert "Measured on" not in models
     assert "Measured on old machine, 2026-12-02." in layers
+    assert "Peak memory measured on" not in report  # no cell has memory
+
+    # Memory re-measured (--memory-only) on another machine than the timings: both are named.
+    data["cells"][0]["memory"] = {"compiled": {"peak_bytes": 1}}
+    data["cells"][0].update(memory_machine="third machine", memory_date="2026-12-04")
+    data["cells"][1]["memory"] = {"compiled": {"peak_bytes": 1}}
+    report = run.write_report(data, tmp_path, quick=True).read_text()
+    models, layers = report.split("## Single layers")
+    assert "Measured on" not in models
+    assert "Peak memory measured on third machine, 2026-12-04." in models
+    assert "Peak memory measured on" not in layers  # memory and timings from the same run
