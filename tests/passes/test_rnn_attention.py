@@ -121,10 +121,11 @@ def test_fused_cells_match_eager_cells(mode, gates):
     torch.manual_seed(0)
     steps, batch, hidden = 5, 3, 4
     gx, w = torch.randn(steps, batch, gates * hidden, dtype=D), torch.randn(gates * hidden, hidden, dtype=D)
-    b, h0, c0 = torch.randn(gates * hidden, dtype=D), torch.randn(batch, hidden, dtype=D), torch.randn(batch, hidden, dtype=D)
+    # Initial states not contiguous: a compiled cell is specialized to its first call's strides.
+    b, h0, c0 = torch.randn(gates * hidden, dtype=D), torch.randn(hidden, batch, dtype=D).t(), torch.randn(hidden, batch, dtype=D).t()
     eager = rnn._scan_forward(gx, h0, c0, w, b, mode, False)
     fused = rnn._scan_forward(gx, h0, c0, w, b, mode, True)
-    d_out, d_h, d_c = torch.randn_like(eager[0]), torch.randn_like(h0), torch.randn_like(c0)
+    d_out, d_h, d_c = torch.randn_like(eager[0]), torch.randn(hidden, batch, dtype=D).t(), torch.randn_like(c0)
     saved = (eager[3], eager[4], h0, c0, eager[0], w)
     eager_grads = rnn._scan_backward(d_out, d_h, d_c, *saved, mode, False)
     fused_grads = rnn._scan_backward(d_out, d_h, d_c, *saved, mode, True)
