@@ -191,6 +191,24 @@ def _origin(cell: dict[str, Any], default: tuple[str, str], prefix: str = "") ->
     return machine, cell.get(f"{prefix}date", cell.get("date", default[1]))
 
 
+def _workloads_by_origin(cells: list[dict[str, Any]], default: tuple[str, str],
+                         prefix: str = "") -> dict[tuple[str, str], list[str]]:
+    """The workloads of ``cells`` grouped by the (machine, date) they were measured on."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for cell in cells:
+        names = groups.setdefault(_origin(cell, default, prefix), [])
+        if cell["workload"] not in names:
+            names.append(cell["workload"])
+    return dict(sorted(groups.items()))
+
+
+def _origin_lines(label: str, origins: dict[tuple[str, str], list[str]]) -> list[str]:
+    """One line per origin; with more than one, each names its workloads."""
+    if len(origins) == 1:
+        return [f"{label} {machine}, {date}." for machine, date in origins]
+    return [f"{label} {machine}, {date}: {', '.join(names)}." for (machine, date), names in origins.items()]
+
+
 def write_report(data: dict[str, Any], out_dir: Path, quick: bool) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -217,12 +235,12 @@ def write_report(data: dict[str, Any], out_dir: Path, quick: bool) -> Path:
         # Sections merged from separate runs, or whose memory was re-measured (--memory-only),
         # say where and when their cells were measured.
         header_origin = (data["machine"], data["date"])
-        step_origins = sorted({_origin(c, header_origin) for c in cells})
-        memory_origins = sorted({_origin(c, header_origin, "memory_") for c in cells if "memory" in c})
-        if step_origins != [header_origin]:
-            lines += [f"Measured on {machine}, {date}." for machine, date in step_origins] + [""]
-        if memory_origins and memory_origins != step_origins:
-            lines += [f"Peak memory measured on {machine}, {date}." for machine, date in memory_origins] + [""]
+        step_origins = _workloads_by_origin(cells, header_origin)
+        memory_origins = _workloads_by_origin([c for c in cells if "memory" in c], header_origin, "memory_")
+        if list(step_origins) != [header_origin]:
+            lines += _origin_lines("Measured on", step_origins) + [""]
+        if memory_origins and set(memory_origins) != set(step_origins):
+            lines += _origin_lines("Peak memory measured on", memory_origins) + [""]
         header = "| workload | B | " + " | ".join(f"{s} step" for s in systems) + " | " + \
             " | ".join(f"{s} mem" for s in systems if s != BASELINE) + " |"
         lines += [header, "|" + "---|" * (2 + len(systems) + len(systems) - 1)]

@@ -68,3 +68,9 @@ def test_report_names_the_machine_of_merged_sections(tmp_path):
     assert "Measured on" not in models
     assert "Peak memory measured on third machine, 2026-12-04." in models
     assert "Peak memory measured on" not in layers  # memory and timings from the same run
+
+    # A section with cells from two runs says which workloads each run measured.
+    data["cells"].append(dict(cell, workload="lstm", kind="layers", machine="new machine", date="2026-12-03"))
+    layers = run.write_report(data, tmp_path, quick=True).read_text().split("## Single layers")[1]
+    assert "Measured on new machine, 2026-12-03: lstm." in layers
+    assert "Measured on old machine, 2026-12-02: linear." in layers
