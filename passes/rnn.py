@@ -144,7 +144,8 @@ class _CompiledCell:
     each call paid Dynamo's cache lookup and guards and AOTAutograd's runtime wrapper, ~45 µs of
     a ~160 µs call (LSTM, B=256, H=100, 2 CPU cores). The cell is traced once with fake tensors
     and handed to ``compile_fx``: the same kernel, called directly. Every step's arguments share
-    the first call's shapes and strides (slices of the scan's buffers), so nothing needs guarding.
+    the first call's shapes and strides (slices of the scan's buffers, states the scans make
+    contiguous), so nothing needs guarding.
     """
 
     def __init__(self, cell: Callable[..., Any]) -> None:
@@ -155,11 +156,11 @@ class _CompiledCell:
     def __call__(self, *args: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         tensors = [a for a in args if a is not None]
         if self.compiled is None:
-            self.compiled = self._compile(args)
+            self.compiled = self._compile(args, tensors)
         results = iter(self.compiled(*tensors))
         return tuple(None if absent else next(results) for absent in self.none_outputs)
 
-    def _compile(self, args: tuple[torch.Tensor | None, ...]) -> Callable[..., Any]:
+    def _compile(self, args: tuple[torch.Tensor | None, ...], tensors: list[torch.Tensor]) -> Callable[..., Any]:
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -174,7 +175,6 @@ class _CompiledCell:
             self.none_outputs = tuple(r is None for r in results)
             return [r for r in results if r is not None]
 
-        tensors = [a for a in args if a is not None]
         graph = make_fx(tensors_only, tracing_mode="fake")(*tensors)
         # Sleef's vectorized tanh is ~8x slower on CPU than 2/(1+exp(-2x))-1 (102k floats, one
         # core: 290 against 45 µs); the decomposed form's error is absolute, ~1 ulp of 1, which

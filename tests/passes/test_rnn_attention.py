@@ -157,7 +157,8 @@ def test_inductor_lowering_fuses_scan_cells():
 
 @pytest.mark.inductor
 def test_fused_cells_survive_many_configurations():
-    """More batch sizes and dtypes in one process than Dynamo recompiles one function for (8)."""
+    """Many configurations (batch sizes, dtypes) in one process, each with its own compiled cell
+    (more than the 8 recompilations Dynamo allowed one function when cells went through it)."""
     from passes import rnn
 
     for batch in range(2, 7):
