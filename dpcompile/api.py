@@ -236,8 +236,8 @@ def dp_compile(
         loader = PhysicalBatches(train_loader, max_physical_batch_size, signal, state)
 
     private_model = PrivateModule(model, engine)
-    private_optimizer = DPOptimizer(optimizer, engine, signal, NoiseSource(secure_mode, noise_generator),
-                                    job)
+    noise = NoiseSource(secure_mode, noise_generator, compiled=backend == "inductor")
+    private_optimizer = DPOptimizer(optimizer, engine, signal, noise, job)
     return private_model, private_optimizer, loader
 
 

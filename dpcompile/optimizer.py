@@ -10,17 +10,22 @@ clipping bound, and runs the wrapped optimizer.
 
 Before it releases anything, the last physical step checks (``check_before_release``): buffers
 updated from the batch in a newly compiled graph, non-finite per-sample gradients (policy
-``nonfinite``: "error" raises :class:`NonFiniteGradientError`, "drop" lets such samples
-contribute nothing) and the privacy budget (:class:`~dpcompile.budget.PrivacyBudgetExceeded`).
-A refused step discards the logical batch: its clipped sums and the ``.grad`` that autograd
-wrote (unnoised clipped sums, never to be used) are cleared, and neither the parameters, the
-wrapped optimizer's state nor the accountant change. Noise is drawn eagerly: on CPU, Inductor's
-compiled ``randn`` measured about 6x slower than eager ``torch.randn`` (13 ms vs 2.3 ms for 670k
-normals, torch 2.13, 2 cores), so fusing it into the compiled graph would slow every step. It is
-drawn in one call for all parameters and added with the multi-tensor ``_foreach`` kernels. The
-wrapped optimizer's update stays eager too: compiling it measured 0.3 ms (SGD with momentum) and
-0.5 ms (Adam) faster on the 670k-parameter MLP, against a 2.6-2.9 ms noise-and-update phase of
-which 1.6 ms is drawing the normals, for ~10 s of extra compile time — not worth it on CPU.
+``nonfinite``: "error" raises :class:`NonFiniteGradientError`, "drop" lets such samples contribute
+nothing) and the privacy budget (:class:`~dpcompile.budget.PrivacyBudgetExceeded`). A refused step
+discards the logical batch: its clipped sums and the ``.grad`` that autograd wrote (unnoised
+clipped sums, never to be used) are cleared, and neither the parameters, the wrapped optimizer's
+state nor the accountant change.
+
+Noise comes from :class:`~dpcompile.noise.NoiseSource` in one pass that adds it and divides by the
+expected batch size. On CUDA that is ``torch.randn`` and two multi- tensor ``_foreach`` kernels. On
+the CPU, large float32 noise of a compiled model is one Inductor kernel: the counter-based Philox
+generator, Box-Muller, the addition and the division, vectorized over both cores (670k parameters:
+2.0 against 2.5 ms with a separate draw, add and division from the same generator, and 3.8-6.1 ms
+with torch's Mersenne Twister sampler, on a 2-core Intel VM). Inductor's own ``randn`` lowering was
+about 6x slower than eager ``torch.randn`` there, so the sampler is written in tensor ops rather
+than compiled from ``torch.randn``. The wrapped optimizer's update stays eager: compiling it
+measured 0.3 ms (SGD with momentum) and 0.5 ms (Adam) faster on the 670k-parameter MLP, for ~10 s
+of extra compile time.
 """
 
 from __future__ import annotations
@@ -140,23 +145,22 @@ class DPOptimizer(Optimizer):
 
     def add_noise(self, grads: list[torch.Tensor]) -> None:
         """Add N(0, σ_Δ²C²) to every coordinate, in place."""
-        std = self.engine.state.noise_std
-        if std > 0:
-            torch._foreach_add_(grads, self.noise.normal_like(grads), alpha=std)
+        self.noise.add_noise_(grads, self.engine.state.noise_std)
 
     def pre_step(self) -> bool:
         """Noise and scale the accumulated clipped sums into ``.grad``; False on a virtual step."""
         if not self.signal.end_of_logical_batch:
             return False
         state = self.engine.state
+        denominator = state.expected_batch_size if state.loss_reduction == "mean" else 1.0
         if self.job is not None:
             grads, unclipped = self._job_sums()
+            if denominator != 1:
+                torch._foreach_div_(grads, denominator)
         else:
             grads = self._checked_local_sums()
-            self.add_noise(grads)
+            self.noise.add_noise_(grads, state.noise_std, denominator)  # one pass (compiled on CPU)
             unclipped = self._noisy_unclipped_count()
-        if state.loss_reduction == "mean":
-            torch._foreach_div_(grads, state.expected_batch_size)
         for (_, p), g in zip(self.engine.trainable(), grads):
             p.grad = g.to(p.dtype)
         self._update_clip_bound(unclipped)

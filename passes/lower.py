@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Literal
 
 import torch
@@ -43,6 +43,30 @@ def lower(graph_module: fx.GraphModule, backend: Backend = "inductor", *,
         )
         return torch.compile(graph_module, backend="inductor", fullgraph=True, dynamic=False, options=options)
     raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
+
+
+def compile_function(fn: Callable[..., Any], tensors: Sequence[torch.Tensor],
+                     config_patches: dict[str, Any] | None = None) -> Callable[..., Any]:
+    """``fn`` traced once with fake tensors like ``tensors`` and compiled by Inductor, called
+    without Dynamo: every call must pass tensors of the same shapes, strides, dtypes and devices.
+
+    For small functions called often (a recurrence cell per time step, the noise sampler per
+    step), where Dynamo's guards and AOTAutograd's runtime wrapper would cost tens of µs a call.
+    """
+    from torch._guards import TracingContext, tracing
+    from torch._inductor.compile_fx import compile_fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    graph = make_fx(fn, tracing_mode="fake")(*tensors)
+    # Inductor's on-disk graph cache needs a shape environment (without one every process
+    # compiles again, 10-20 s for the noise kernel); static shapes keep the kernel specialized.
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    fake = [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
+    with tracing(TracingContext(fake_mode)):
+        compiled: Callable[..., Any] = compile_fx(graph, fake, config_patches=config_patches or {})  # type: ignore[assignment]
+    return compiled
 
 
 def _donating_inductor(donated: frozenset[str]) -> Callable[..., Any]:

@@ -162,8 +162,8 @@ class _CompiledCell:
 
     def _compile(self, args: tuple[torch.Tensor | None, ...], tensors: list[torch.Tensor]) -> Callable[..., Any]:
         from torch._inductor import config as inductor_config
-        from torch._inductor.compile_fx import compile_fx
-        from torch.fx.experimental.proxy_tensor import make_fx
+
+        from passes.lower import compile_function  # lower -> kernels -> this module
 
         present = [i for i, a in enumerate(args) if a is not None]
 
@@ -175,13 +175,11 @@ class _CompiledCell:
             self.none_outputs = tuple(r is None for r in results)
             return [r for r in results if r is not None]
 
-        graph = make_fx(tensors_only, tracing_mode="fake")(*tensors)
         # Sleef's vectorized tanh is ~8x slower on CPU than 2/(1+exp(-2x))-1 (102k floats, one
         # core: 290 against 45 µs); the decomposed form's error is absolute, ~1 ulp of 1, which
         # the cell's other float rounding matches. Every cell but the ReLU RNN's takes a tanh.
         patches = {"cpp.use_decompose_tanh": True} if hasattr(inductor_config.cpp, "use_decompose_tanh") else {}
-        compiled: Callable[..., Any] = compile_fx(graph, tensors, config_patches=patches)  # type: ignore[assignment]
-        return compiled
+        return compile_function(tensors_only, tensors, patches)
 
 
 @functools.cache
