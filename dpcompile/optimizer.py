@@ -17,7 +17,7 @@ clipped sums, never to be used) are cleared, and neither the parameters, the wra
 state nor the accountant change.
 
 Noise comes from :class:`~dpcompile.noise.NoiseSource` in one pass that adds it and divides by the
-expected batch size. On CUDA that is ``torch.randn`` and two multi- tensor ``_foreach`` kernels. On
+expected batch size. On CUDA that is ``torch.randn`` and two multi-tensor ``_foreach`` kernels. On
 the CPU, large float32 noise of a compiled model is one Inductor kernel: the counter-based Philox
 generator, Box-Muller, the addition and the division, vectorized over both cores (670k parameters:
 2.0 against 2.5 ms with a separate draw, add and division from the same generator, and 3.8-6.1 ms
