@@ -67,19 +67,15 @@ def philox4x32(counter: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
     return c0, c1, c2, c3
 
 
-def _counter_words(seed: torch.Tensor, blocks: int, stream: int) -> tuple[torch.Tensor, ...]:
-    """The four 32-bit words (int64, one tensor per word) of counter blocks 0..blocks-1."""
+def random_words(seed: torch.Tensor, blocks: int, stream: int = 0) -> tuple[torch.Tensor, ...]:
+    """The four random 32-bit words (int64, one tensor per word) of counter blocks 0..blocks-1
+    under ``seed``."""
     seed = seed.to(torch.int64).reshape(())
     key = (seed & MASK32, (seed >> 32) & MASK32)  # two's complement bits of a negative seed too
     index = torch.arange(blocks, dtype=torch.int64, device=seed.device)
     counter = (index & MASK32, index >> 32, torch.full_like(index, stream & MASK32),
                torch.zeros_like(index))
     return philox4x32(counter, key)
-
-
-def random_words(seed: torch.Tensor, blocks: int, stream: int = 0) -> torch.Tensor:
-    """(blocks, 4) random 32-bit words (int64) for counter blocks 0..blocks-1 under ``seed``."""
-    return torch.stack(_counter_words(seed, blocks, stream), dim=1)
 
 
 def standard_normal(seed: torch.Tensor, numel: int, dtype: torch.dtype = torch.float32,
@@ -92,7 +88,7 @@ def standard_normal(seed: torch.Tensor, numel: int, dtype: torch.dtype = torch.f
     # vectorizes the transcendental functions (on CPU 3x faster than from a (blocks, 4) layout,
     # whose strided lanes it computed one element at a time).
     scale = 2.0**-24
-    top = [(w >> 8).to(torch.float32) for w in _counter_words(seed, blocks, stream)]  # exact: < 2^24
+    top = [(w >> 8).to(torch.float32) for w in random_words(seed, blocks, stream)]  # exact: < 2^24
     normals = []
     for first, second in ((top[0], top[1]), (top[2], top[3])):
         radius = torch.sqrt(-2.0 * torch.log((first + 1.0) * scale))  # u1 in (0, 1]: log is finite

@@ -131,14 +131,8 @@ class NoiseSource:
         if fused is None:
             from passes.lower import compile_function
 
-            def noised(seed: torch.Tensor, std: torch.Tensor, denominator: torch.Tensor,
-                       *tensors: torch.Tensor) -> list[torch.Tensor]:
-                for t, z in zip(tensors, counter_noise.normal_like(seed, list(tensors))):
-                    t.copy_((t + std * z) / denominator)
-                return []
-
             example = [torch.zeros((), dtype=torch.int64), torch.ones(()), torch.ones(())]
-            fused = compile_function(noised, example + group)
+            fused = compile_function(_noised, example + group)
             self._fused[key] = fused
         return fused
 
@@ -154,3 +148,12 @@ class NoiseSource:
 
     def standard_normal(self) -> float:
         return float(self._normal(1, torch.float64, torch.device("cpu"))[0])
+
+
+def _noised(seed: torch.Tensor, std: torch.Tensor, denominator: torch.Tensor,
+            *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """``t <- (t + std·z) / denominator`` in place, ``z`` the counter stream of ``seed``: what
+    :meth:`NoiseSource.add_noise_` compiles."""
+    for t, z in zip(tensors, counter_noise.normal_like(seed, list(tensors))):
+        t.copy_((t + std * z) / denominator)
+    return []
