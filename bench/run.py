@@ -444,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
             measured = systems if not quick else [BASELINE, "dpcompile"]
             cell["memory"] = measure_memory(workload, batch, [s for s in measured if s in systems], quick, env)
         data["cells"].append(cell)
+        # Keep what is measured so far: a full run takes hours, and a stopped one should not lose it.
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(data, indent=1))
     path = write_report(data, args.out, quick)
     print(f"wrote {path}")
     if cache is not None:

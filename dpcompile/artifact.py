@@ -40,6 +40,7 @@ from dpcompile import counter_noise
 from dpcompile.module import PrivateModule
 from dpcompile.privacy import PrivacyState
 from passes import analyze, capture, private_backward
+from passes.grad_forms import aten_only
 from passes.rewrite import PrivateGraph, example_private_inputs
 
 FORMAT_NAME = "dpcompile.private_step"
@@ -316,8 +317,9 @@ def export(model: PrivateModule, example_batch: Any, *, loss_fn: Any,
             raise ValueError(f"target {k} has shape {tuple(t.shape)}; it needs {batch} rows (dimension 0)")
     module = model.module
     clipping = "per_layer" if state.clipping == "per_layer" else "flat"
-    private = loss_private_graph(module, inputs, per_sample_loss(loss_fn), targets,
-                                 batch_dim=engine.batch_dim, clipping=clipping)
+    with aten_only():  # the program must load without dpcompile
+        private = loss_private_graph(module, inputs, per_sample_loss(loss_fn), targets,
+                                     batch_dim=engine.batch_dim, clipping=clipping)
     _warn_random_ops(private)
 
     ref = private.capture.example_inputs[0]

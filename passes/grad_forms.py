@@ -16,8 +16,11 @@ included, choosing per parameter between ghost norms and materialization by cost
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +57,25 @@ CONV_ONE_CALL_BYTES_CPU = 4 << 20
 # summed backward-weight call replaces the weighted sum over 36 MiB). The second layer (18 MiB
 # against 24) keeps its gradients: deferring it too raised the live peak to 135 MiB.
 CONV_DEFER_RATIO = 2.0
+# On CPU, per-sample gradients from unfolded windows are made this many bytes of windows at a time,
+# in one opaque call (``dpcompile::conv_window_grads``), so that one block's windows, sized for the
+# cache, exist at once. Written as graph ops, Inductor fused every block's window gather into one
+# kernel and kept all the windows live: 27 MiB at the CIFAR-10 CNN's first layer (3→32, 32×32,
+# B=256), which stayed live at the private step's peak.
+CONV_WINDOW_BLOCK_BYTES_CPU = 2 << 20
+
+_ATEN_ONLY = contextvars.ContextVar("dpcompile_aten_only_forms", default=False)
+
+
+@contextlib.contextmanager
+def aten_only() -> Iterator[None]:
+    """Forms built inside write aten ops only, no ``dpcompile::`` kernel: for graphs that must
+    load and compile without dpcompile (exported programs)."""
+    token = _ATEN_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _ATEN_ONLY.reset(token)
 
 
 class GradForm:
@@ -182,7 +204,8 @@ class Convolution(GradForm):
     Materializing uses the convolution's own backward-weight kernel once, with the samples as
     groups (input viewed as ``(frames, B·C_in, *S)``, ``groups = B·g``): no unfolded copy of the
     input. When the input windows are no wider than the output channels (few input channels, or
-    a 1×1 kernel) the unfolded windows and a batched GEMM are cheaper (:attr:`unfolds_windows`).
+    a 1×1 kernel) the unfolded windows and a batched GEMM are cheaper (:attr:`unfolds_windows`);
+    one ``dpcompile::conv_window_grads`` call makes them a block of samples at a time.
     Ghost norms need the unfolded windows (:meth:`as_outer`), worth it when there are few
     positions per sample.
     """
@@ -259,27 +282,40 @@ class Convolution(GradForm):
 
     def materialize_chunks(self) -> list[torch.Tensor]:
         """The per-sample gradients as consecutive sample blocks ``(b_k, *shape)``, one grouped
-        backward-weight call each (see ``CONV_SAMPLES_PER_CALL_CPU``)."""
+        backward-weight call each (see ``CONV_SAMPLES_PER_CALL_CPU``), or all of them from one
+        call that unfolds windows a block at a time (:attr:`unfolds_windows`)."""
         b = self.batch
+        if self.unfolds_windows and self.x.device.type == "cpu" and not _ATEN_ONLY.get():
+            per_sample = torch.ops.dpcompile.conv_window_grads(
+                self.x, self.grad, list(self.weight_shape), list(self.stride), list(self.padding),
+                list(self.dilation), self.groups, self.sample.outer, self.sample.inner,
+                self.window_block_samples)
+            return [per_sample.view(b, *self.shape)]
         per_call = b
         if self.x.device.type == "cpu" and b * math.prod(self.shape) * self.x.element_size() > CONV_ONE_CALL_BYTES_CPU:
             per_call = CONV_SAMPLES_PER_CALL_CPU
         return [self._materialize(lo, min(b, lo + per_call)) for lo in range(0, b, per_call)]
+
+    @property
+    def window_block_samples(self) -> int:
+        """Samples per block when unfolding windows: about ``CONV_WINDOW_BLOCK_BYTES_CPU`` of
+        windows on CPU; the whole batch in one batched GEMM elsewhere (written as graph ops)."""
+        if self.x.device.type != "cpu":
+            return self.batch
+        t, g, _, c = self.dims
+        per_sample = t * g * c * self.x.element_size()
+        return max(1, min(self.batch, CONV_WINDOW_BLOCK_BYTES_CPU // per_sample))
 
     def _materialize(self, lo: int, hi: int) -> torch.Tensor:
         """Samples ``lo:hi`` through the backward-weight kernel with the samples as groups, or
         through unfolded windows (:attr:`unfolds_windows`)."""
         b, n = self.batch, hi - lo
         outer, inner = self.sample.outer, self.sample.inner
+        if self.unfolds_windows:
+            return self.samples(lo, hi).as_outer().materialize()
 
         def frames(t: torch.Tensor) -> torch.Tensor:
-            """The frames of samples lo:hi, (outer, n, inner, ...): a view."""
             return t.unflatten(0, (outer, b, inner))[:, lo:hi]
-
-        if self.unfolds_windows:
-            block = dataclasses.replace(self, x=frames(self.x).flatten(0, 2),
-                                        grad=frames(self.grad).flatten(0, 2), batch_size=n)
-            return block.as_outer().materialize()
 
         def samples_as_channels(t: torch.Tensor) -> torch.Tensor:
             if outer == 1 and inner == 1:  # sample-major already: a view, no permute to copy
@@ -294,10 +330,44 @@ class Convolution(GradForm):
         )[1]
         return per_sample.reshape(n, *self.shape)
 
-    def as_outer(self) -> Outer:
+    def samples(self, lo: int, hi: int) -> Convolution:
+        """The same form over samples ``lo:hi`` only (their frames, as views)."""
+        outer, inner = self.sample.outer, self.sample.inner
+
+        def frames(t: torch.Tensor) -> torch.Tensor:
+            """The frames of samples lo:hi, (outer·n·inner, ...)."""
+            return t.unflatten(0, (outer, self.batch, inner))[:, lo:hi].flatten(0, 2)
+
+        return dataclasses.replace(self, x=frames(self.x), grad=frames(self.grad), batch_size=hi - lo)
+
+    def as_outer(self, im2col: bool = True) -> Outer:
         from passes.per_sample_rules import conv_outer
 
-        return conv_outer(self)
+        return conv_outer(self, im2col)
+
+
+@torch.library.custom_op("dpcompile::conv_window_grads", mutates_args=())
+def conv_window_grads(x: torch.Tensor, grad: torch.Tensor, weight_shape: list[int], stride: list[int],
+                      padding: list[int], dilation: list[int], groups: int, outer: int, inner: int,
+                      samples_per_block: int) -> torch.Tensor:
+    """Per-sample weight gradients ``(B, prod(weight_shape))`` of a (not transposed) convolution
+    from its unfolded input windows and a batched GEMM, ``samples_per_block`` samples at a time:
+    only one block's windows exist at once."""
+    batch = x.shape[0] // (outer * inner)
+    spatial = len(weight_shape) - 2
+    form = Convolution(x, grad, tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), False,
+                       (0,) * spatial, groups, SampleDim(0, outer, inner), batch, tuple(weight_shape))
+    per_sample = x.new_empty(batch, math.prod(weight_shape))
+    for lo in range(0, batch, samples_per_block):
+        hi = min(batch, lo + samples_per_block)
+        # eager: windows as one strided copy, not the slower native im2col (see unfold_nd)
+        per_sample[lo:hi] = form.samples(lo, hi).as_outer(im2col=False).materialize().reshape(hi - lo, -1)
+    return per_sample
+
+
+@conv_window_grads.register_fake
+def _(x, grad, weight_shape, stride, padding, dilation, groups, outer, inner, samples_per_block):
+    return x.new_empty(x.shape[0] // (outer * inner), math.prod(weight_shape))
 
 
 def _groups_first(factor: torch.Tensor) -> torch.Tensor:
@@ -449,7 +519,8 @@ def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, N
         plan.materialized_flops, plan.memory_elements = conv.materialize_cost()
         plan.flops = plan.materialized_flops
         if conv.unfolds_windows:
-            plan.notes.append("per-sample gradients from unfolded input windows (batched GEMM)")
+            plan.notes.append("per-sample gradients from unfolded input windows (batched GEMM, "
+                              f"{conv.window_block_samples} samples at a time)")
         blocks = conv.materialize_chunks()
         sq = torch.cat([Dense(block).sq_norm() for block in blocks])
         if conv.defers_clipped_sum:

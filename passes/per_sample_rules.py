@@ -191,13 +191,16 @@ def unfold_nd(
     stride: tuple[int, ...],
     padding: tuple[int, ...],
     dilation: tuple[int, ...],
+    im2col: bool = True,
 ) -> torch.Tensor:
     """(N, C, *S) → (N, C·prod(kernel), L): the input window of each output position (im2col).
 
-    1-d and 2-d use the native im2col (``F.unfold``); other ranks unfold dimension by dimension.
+    1-d and 2-d use the native im2col (``F.unfold``) unless ``im2col`` is False; other ranks, and
+    those, unfold dimension by dimension and copy the strided view once, which eagerly on CPU is
+    ~6× faster than ``F.unfold`` (3→27 channels, 32×32: 0.19 against 1.13 ms for 18 samples).
     """
     n = len(kernel)
-    if n in (1, 2):
+    if n in (1, 2) and im2col:
         if n == 1:  # as a 2-d image of height 1
             x = x.unsqueeze(2)
             kernel, stride, padding, dilation = ((1, *v) for v in (kernel, stride, padding, dilation))
@@ -252,15 +255,16 @@ def convolution_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> Grad
                        int(groups), SampleDim(0, sd.outer, sd.inner), ctx.batch, shape)
 
 
-def conv_outer(conv: Convolution) -> Outer:
-    """Outer products of output gradients and unfolded input windows, per group."""
+def conv_outer(conv: Convolution, im2col: bool = True) -> Outer:
+    """Outer products of output gradients and unfolded input windows, per group (``im2col``: see
+    :func:`unfold_nd`)."""
     kernel = tuple(conv.weight_shape[2:])
     g = conv.groups
     if not conv.transposed:
-        windows = unfold_nd(conv.x, kernel, conv.stride, conv.padding, conv.dilation)  # (N, C_in·K, L)
+        windows = unfold_nd(conv.x, kernel, conv.stride, conv.padding, conv.dilation, im2col)  # (N, C_in·K, L)
         positions = conv.grad.flatten(2)  # (N, C_out, L)
     else:
-        windows = unfold_nd(conv.grad, kernel, conv.stride, conv.padding, conv.dilation)  # (N, C_out·K, L_in)
+        windows = unfold_nd(conv.grad, kernel, conv.stride, conv.padding, conv.dilation, im2col)  # (N, C_out·K, L_in)
         positions = conv.x.flatten(2)  # (N, C_in, L_in)
     rows = _by_position(positions, g, conv.sample, conv.batch)
     cols = _by_position(windows, g, conv.sample, conv.batch)

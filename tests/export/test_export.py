@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import dpcompile
 from dpcompile.artifact import FORMAT_VERSION, METADATA_FILE, ArtifactError, metadata
@@ -206,6 +207,23 @@ def test_runs_with_plain_torch_without_dpcompile(tmp_path):
     assert out["sigma"] == 1.3
     live = private.private_step((x[:8], y[:8]), loss_fn=CE, seed=21)
     assert max_difference(out["update"], live["update"]) < 1e-12
+
+
+def test_unfolded_window_convolution_exports_aten_ops_only(tmp_path):
+    """A first layer with few input channels gets its per-sample gradients from unfolded windows
+    through a dpcompile kernel when trained, and from plain aten ops in the exported program."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 12, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(12 * 36, 3)).to(D)
+    x, y = torch.randn(16, 1, 6, 6, dtype=D), torch.randint(0, 3, (16,))
+    private, _, _ = dpcompile.dp_compile(model, torch.optim.SGD(model.parameters(), lr=0.5),
+                                         DataLoader(TensorDataset(x, y), batch_size=8), noise_multiplier=1.3,
+                                         max_grad_norm=0.5, backend="eager")
+    private(x[:8])
+    assert any("samples at a time" in n for n in private._engine.plans()["0.weight"].notes)
+    program, step = export_save_load(private, (x[:8], y[:8]), tmp_path)
+    assert metadata(program)["step"]["custom_op_namespaces"] == []
+    live = private.private_step((x[:8], y[:8]), loss_fn=CE, seed=5)
+    assert max_difference(step((x[:8], y[:8]), seed=5)["update"], live["update"]) < 1e-12
 
 
 class Scaled(nn.Module):

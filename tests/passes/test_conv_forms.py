@@ -79,13 +79,15 @@ def test_frames_folded_into_the_batch():
 @pytest.mark.parametrize("frames", [(1, 1), (2, 1), (1, 3)])
 @pytest.mark.parametrize("channels", [(3, 4), (2, 24)], ids=["grouped", "unfolded"])
 def test_materialized_in_sample_blocks(monkeypatch, frames, channels):
-    """On CPU per-sample gradients are made a few samples per call; the blocks join to the whole
-    (the grouped backward-weight kernel, and unfolded windows when they are narrower than the
-    output channels)."""
-    monkeypatch.setattr(grad_forms, "CONV_SAMPLES_PER_CALL_CPU", 2)
-    monkeypatch.setattr(grad_forms, "CONV_ONE_CALL_BYTES_CPU", 0)
+    """On CPU per-sample gradients are made a few samples at a time and join to the whole: the
+    grouped backward-weight kernel one call per block, unfolded windows (when they are narrower
+    than the output channels) a block at a time inside one call."""
     torch.manual_seed(1)
     batch, (outer, inner), (c_in, c_out) = 5, frames, channels
+    window_bytes = outer * inner * c_in * 9 * 36 * 8  # one sample's windows, float64
+    monkeypatch.setattr(grad_forms, "CONV_SAMPLES_PER_CALL_CPU", 2)
+    monkeypatch.setattr(grad_forms, "CONV_ONE_CALL_BYTES_CPU", 0)
+    monkeypatch.setattr(grad_forms, "CONV_WINDOW_BLOCK_BYTES_CPU", 2 * window_bytes + 1)
     conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False).to(D)
     x = torch.randn(outer * batch * inner, c_in, 6, 6, dtype=D)
     grad = torch.randn(outer * batch * inner, c_out, 6, 6, dtype=D)
@@ -93,7 +95,10 @@ def test_materialized_in_sample_blocks(monkeypatch, frames, channels):
                        SampleDim(0, outer, inner), batch, tuple(conv.weight.shape))
     assert form.unfolds_windows == (c_in * 9 <= c_out)
     blocks = form.materialize_chunks()
-    assert [b.shape[0] for b in blocks] == [2, 2, 1]
+    if form.unfolds_windows:
+        assert form.window_block_samples == 2 and [b.shape[0] for b in blocks] == [5]
+    else:
+        assert [b.shape[0] for b in blocks] == [2, 2, 1]
     frame_of = torch.arange(outer * batch * inner).reshape(outer, batch, inner)
     expected = torch.stack([
         torch.autograd.grad(conv(x[frame_of[:, b].reshape(-1)]), conv.weight,
