@@ -294,8 +294,13 @@ def write_report(data: dict[str, Any], out_dir: Path, quick: bool) -> Path:
         lines += ["## Notes", "", data["notes"], ""]
     path = out_dir / "RESULTS.md"
     path.write_text("\n".join(lines))
-    (out_dir / "results.json").write_text(json.dumps(data, indent=1))
+    save_results(data, out_dir)
     return path
+
+
+def save_results(data: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(data, indent=1))
 
 
 def make_plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -444,9 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             measured = systems if not quick else [BASELINE, "dpcompile"]
             cell["memory"] = measure_memory(workload, batch, [s for s in measured if s in systems], quick, env)
         data["cells"].append(cell)
-        # Keep what is measured so far: a full run takes hours, and a stopped one should not lose it.
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(data, indent=1))
+        save_results(data, args.out)  # a full run takes hours: a stopped one keeps what it measured
     path = write_report(data, args.out, quick)
     print(f"wrote {path}")
     if cache is not None:

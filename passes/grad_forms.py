@@ -283,9 +283,9 @@ class Convolution(GradForm):
     def materialize_chunks(self) -> list[torch.Tensor]:
         """The per-sample gradients as consecutive sample blocks ``(b_k, *shape)``, one grouped
         backward-weight call each (see ``CONV_SAMPLES_PER_CALL_CPU``), or all of them from one
-        call that unfolds windows a block at a time (:attr:`unfolds_windows`)."""
+        call that unfolds windows a block at a time (:attr:`windows_in_one_call`)."""
         b = self.batch
-        if self.unfolds_windows and self.x.device.type == "cpu" and not _ATEN_ONLY.get():
+        if self.windows_in_one_call:
             per_sample = torch.ops.dpcompile.conv_window_grads(
                 self.x, self.grad, list(self.weight_shape), list(self.stride), list(self.padding),
                 list(self.dilation), self.groups, self.sample.outer, self.sample.inner,
@@ -297,11 +297,15 @@ class Convolution(GradForm):
         return [self._materialize(lo, min(b, lo + per_call)) for lo in range(0, b, per_call)]
 
     @property
+    def windows_in_one_call(self) -> bool:
+        """Unfolded windows made inside one ``dpcompile::conv_window_grads`` call, a block of
+        :attr:`window_block_samples` at a time: on CPU, outside exported graphs. Elsewhere they
+        are graph ops (one batched GEMM off CPU)."""
+        return self.unfolds_windows and self.x.device.type == "cpu" and not _ATEN_ONLY.get()
+
+    @property
     def window_block_samples(self) -> int:
-        """Samples per block when unfolding windows: about ``CONV_WINDOW_BLOCK_BYTES_CPU`` of
-        windows on CPU; the whole batch in one batched GEMM elsewhere (written as graph ops)."""
-        if self.x.device.type != "cpu":
-            return self.batch
+        """About ``CONV_WINDOW_BLOCK_BYTES_CPU`` of windows."""
         t, g, _, c = self.dims
         per_sample = t * g * c * self.x.element_size()
         return max(1, min(self.batch, CONV_WINDOW_BLOCK_BYTES_CPU // per_sample))
@@ -309,18 +313,15 @@ class Convolution(GradForm):
     def _materialize(self, lo: int, hi: int) -> torch.Tensor:
         """Samples ``lo:hi`` through the backward-weight kernel with the samples as groups, or
         through unfolded windows (:attr:`unfolds_windows`)."""
-        b, n = self.batch, hi - lo
+        n = hi - lo
         outer, inner = self.sample.outer, self.sample.inner
         if self.unfolds_windows:
             return self.samples(lo, hi).as_outer().materialize()
 
-        def frames(t: torch.Tensor) -> torch.Tensor:
-            return t.unflatten(0, (outer, b, inner))[:, lo:hi]
-
         def samples_as_channels(t: torch.Tensor) -> torch.Tensor:
             if outer == 1 and inner == 1:  # sample-major already: a view, no permute to copy
                 return t[lo:hi].reshape(1, n * t.shape[1], *t.shape[2:])
-            return frames(t).transpose(1, 2).reshape(outer * inner, n * t.shape[1], *t.shape[2:])
+            return self._frames(t, lo, hi).transpose(1, 2).reshape(outer * inner, n * t.shape[1], *t.shape[2:])
 
         weight = self.x.new_empty(n * self.weight_shape[0], *self.weight_shape[1:])
         per_sample = torch.ops.aten.convolution_backward(
@@ -330,15 +331,14 @@ class Convolution(GradForm):
         )[1]
         return per_sample.reshape(n, *self.shape)
 
+    def _frames(self, t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """The frames of samples lo:hi of ``t``, ``(outer, hi - lo, inner, ...)``: a view."""
+        return t.unflatten(0, (self.sample.outer, self.batch, self.sample.inner))[:, lo:hi]
+
     def samples(self, lo: int, hi: int) -> Convolution:
         """The same form over samples ``lo:hi`` only (their frames, as views)."""
-        outer, inner = self.sample.outer, self.sample.inner
-
-        def frames(t: torch.Tensor) -> torch.Tensor:
-            """The frames of samples lo:hi, (outer·n·inner, ...)."""
-            return t.unflatten(0, (outer, self.batch, inner))[:, lo:hi].flatten(0, 2)
-
-        return dataclasses.replace(self, x=frames(self.x), grad=frames(self.grad), batch_size=hi - lo)
+        return dataclasses.replace(self, x=self._frames(self.x, lo, hi).flatten(0, 2),
+                                   grad=self._frames(self.grad, lo, hi).flatten(0, 2), batch_size=hi - lo)
 
     def as_outer(self, im2col: bool = True) -> Outer:
         from passes.per_sample_rules import conv_outer
@@ -519,8 +519,8 @@ def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, N
         plan.materialized_flops, plan.memory_elements = conv.materialize_cost()
         plan.flops = plan.materialized_flops
         if conv.unfolds_windows:
-            plan.notes.append("per-sample gradients from unfolded input windows (batched GEMM, "
-                              f"{conv.window_block_samples} samples at a time)")
+            in_blocks = f", {conv.window_block_samples} samples at a time" if conv.windows_in_one_call else ""
+            plan.notes.append(f"per-sample gradients from unfolded input windows (batched GEMM{in_blocks})")
         blocks = conv.materialize_chunks()
         sq = torch.cat([Dense(block).sq_norm() for block in blocks])
         if conv.defers_clipped_sum:
