@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -206,8 +207,9 @@ class Convolution(GradForm):
     input. When the input windows are no wider than the output channels (few input channels, or
     a 1×1 kernel) the unfolded windows and a batched GEMM are cheaper (:attr:`unfolds_windows`);
     one ``dpcompile::conv_window_grads`` call makes them a block of samples at a time.
-    Ghost norms need the unfolded windows (:meth:`as_outer`), worth it when there are few
-    positions per sample.
+    Ghost norms, worth it when there are few positions per sample, come from the Grams of the
+    input's and the output gradient's positions (:meth:`sq_norm`), or from unfolded windows
+    (:meth:`as_outer`) when those are narrower.
     """
 
     x: torch.Tensor  # (N, C_in, *S_in), N = o·B·i
@@ -246,8 +248,37 @@ class Convolution(GradForm):
         return frames * positions, g, r, c
 
     def ghost_cost(self) -> tuple[int, int]:
+        """The cheaper of the two ghost norms (see :attr:`uses_position_grams`)."""
+        return self.gram_ghost_cost() if self.uses_position_grams else self.unfolded_ghost_cost()
+
+    def unfolded_ghost_cost(self) -> tuple[int, int]:
+        """Ghost norm over unfolded windows (:meth:`as_outer`): their (T × T) Gram is the cost."""
         t, g, r, c = self.dims
         return self.batch * g * t * t * (r + c), self.batch * g * (2 * t * t + t * c)
+
+    def gram_ghost_cost(self) -> tuple[int, int]:
+        """Ghost norm from position Grams (:meth:`sq_norm`): the input's (P × P) Gram, the output
+        gradient's (T × T) Gram, and one product per kernel offset."""
+        t, g, r, _ = self.dims
+        p = self.sample.outer * self.sample.inner * math.prod(self._windowed.shape[2:])
+        channels, kernel = self.weight_shape[1], math.prod(self.weight_shape[2:])
+        flops = self.batch * g * (p * p * channels + t * t * r + kernel * t * t)
+        return flops, self.batch * g * (p * p + t * t)
+
+    @property
+    def uses_position_grams(self) -> bool:
+        """Ghost norms from position Grams rather than unfolded windows: cheaper when a window is
+        wide and the input has few positions (the CIFAR-10 CNN's third and fourth layers: 64
+        channels, 3×3, 8×8 and 4×4), where unfolding copies every input element once per kernel
+        offset."""
+        gram, unfolded = self.gram_ghost_cost(), self.unfolded_ghost_cost()
+        return gram[0] + MEMORY_WEIGHT * gram[1] < unfolded[0] + MEMORY_WEIGHT * unfolded[1]
+
+    @property
+    def _windowed(self) -> torch.Tensor:
+        """The tensor whose windows meet each position: the input, or for a transposed
+        convolution the output gradient."""
+        return self.grad if self.transposed else self.x
 
     def materialize_cost(self) -> tuple[int, int]:
         t, g, r, c = self.dims
@@ -255,6 +286,47 @@ class Convolution(GradForm):
 
     def prefers_ghost(self) -> bool:
         return _prefers_ghost(self.ghost_cost(), self.materialize_cost())
+
+    def sq_norm(self) -> torch.Tensor:
+        """Ghost norm, from position Grams or unfolded windows (:attr:`uses_position_grams`)."""
+        return self.position_gram_sq_norm() if self.uses_position_grams else self.as_outer().sq_norm()
+
+    def position_gram_sq_norm(self) -> torch.Tensor:
+        """Ghost norm without unfolded windows:
+        ``‖G_b‖² = Σ_{t,t'} ⟨g_t, g_t'⟩ · Σ_κ ⟨x_{s·t+d·κ}, x_{s·t'+d·κ}⟩`` per group, the window
+        Gram being a sum over kernel offsets κ of strided blocks of the input's position Gram,
+        zero-padded (frames of a sample count as more positions)."""
+        windowed, positions = self._windowed, (self.x if self.transposed else self.grad)
+        frames = self.sample.outer * self.sample.inner
+        in_size, out_size = tuple(windowed.shape[2:]), tuple(positions.shape[2:])
+        lead = (self.batch * self.groups, frames)
+        window_gram = self._position_gram(windowed).view(*lead, *in_size, frames, *in_size)
+        # the Gram of the zero-padded input is the Gram zero-padded (a pad Inductor fuses into
+        # the products below, where padding the input would copy it)
+        pad: list[int] = []
+        for p in reversed(self.padding):
+            pad += [p, p]
+        if any(pad):
+            window_gram = torch.nn.functional.pad(window_gram, [*pad, 0, 0, *pad])
+        grad_gram = self._position_gram(positions).view(*lead, *out_size, frames, *out_size)
+        sq = None
+        for offset in itertools.product(*(range(k) for k in self.weight_shape[2:])):
+            block = tuple(slice(d * o, d * o + s * (n - 1) + 1, s)
+                          for o, d, s, n in zip(offset, self.dilation, self.stride, out_size))
+            term = window_gram[(slice(None), slice(None), *block, slice(None), *block)] * grad_gram
+            term = term.reshape(self.batch, -1).sum(1)
+            sq = term if sq is None else sq + term
+        assert sq is not None
+        return sq
+
+    def _position_gram(self, t: torch.Tensor) -> torch.Tensor:
+        """(N, G·C, *S) → (B·G, F·P, F·P): inner products of a sample's positions (its frames'
+        positions together), per group."""
+        n, channels = t.shape[:2]
+        g, outer, inner = self.groups, self.sample.outer, self.sample.inner
+        by_group = t.reshape(outer, self.batch, inner, g, channels // g, -1)
+        by_position = by_group.permute(1, 3, 0, 2, 5, 4).reshape(self.batch * g, -1, channels // g)
+        return torch.bmm(by_position, by_position.transpose(1, 2))
 
     @property
     def unfolds_windows(self) -> bool:
@@ -528,6 +600,14 @@ def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, N
                               "gradient (per-sample gradients not held)")
             return sq, plan, None
         return sq, plan, blocks
+    if len(forms) == 1 and isinstance(forms[0], Convolution) and forms[0].uses_position_grams:
+        conv = forms[0]
+        plan.strategy = "ghost"
+        plan.ghost_flops, plan.memory_elements = conv.ghost_cost()
+        plan.materialized_flops = conv.materialize_cost()[0]
+        plan.flops = plan.ghost_flops
+        plan.notes.append("ghost norm from Grams of input positions (no unfolded windows)")
+        return conv.sq_norm(), plan, None
     # Otherwise convolutions take part as outer products (ghost norms, cross terms between uses).
     forms = [f.as_outer() if isinstance(f, Convolution) else f for f in forms]
     outers = [f for f in forms if isinstance(f, Outer)]

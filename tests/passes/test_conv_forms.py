@@ -24,16 +24,19 @@ D = torch.float64
     padding=st.integers(0, 1),
     dilation=st.integers(1, 2),
     frames=st.sampled_from([(1, 1), (2, 1), (1, 3)]),
+    output_padding=st.integers(0, 1),
 )
-def test_grouped_backward_and_unfold_agree_with_autograd(dims, transposed, groups, kernel, stride, padding,
-                                                         dilation, frames):
+def test_grouped_backward_unfold_and_position_grams_agree_with_autograd(dims, transposed, groups, kernel, stride,
+                                                                        padding, dilation, frames, output_padding):
     torch.manual_seed(dims + 3 * kernel)
     batch, outer, inner = 3, *frames
     conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    extra = {}
     if transposed:
         conv_cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+        extra["output_padding"] = output_padding if output_padding < max(stride, dilation) else 0
     conv = conv_cls(2, 4, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                    bias=False).to(D)
+                    bias=False, **extra).to(D)
     n = outer * batch * inner
     x = torch.randn(n, 2, *([5] * dims), dtype=D)
     y = conv(x)
@@ -55,6 +58,7 @@ def test_grouped_backward_and_unfold_agree_with_autograd(dims, transposed, group
     torch.testing.assert_close(conv_outer(form).materialize(), expected)
     norms = expected.flatten(1).pow(2).sum(1)
     torch.testing.assert_close(conv_outer(form).sq_norm(), norms)
+    torch.testing.assert_close(form.position_gram_sq_norm(), norms)
 
 
 class Frames(nn.Module):
@@ -174,3 +178,51 @@ def test_which_convolutions_defer():
     assert form(64, 64, 8).defers_clipped_sum
     assert not form(32, 64, 16).defers_clipped_sum
     assert not form(3, 32, 32).defers_clipped_sum
+
+
+def test_which_convolutions_take_ghost_norms_from_position_grams():
+    """The CIFAR-10 CNN at B=256: the third and fourth layers (64 channels in, 8×8 and 4×4) take
+    ghost norms from position Grams; the first two materialize; the MNIST CNN's second layer
+    (16→32, 4×4 kernel, stride 2, 5×5 positions: windows of 256 from 169 input positions) takes
+    ghost norms from its unfolded windows, the cheaper ghost there."""
+    def form(c_in, c_out, size, kernel=3, stride=1, padding=1):
+        x = torch.empty(256, c_in, size, size)
+        out = (size + 2 * padding - kernel) // stride + 1
+        grad = torch.empty(256, c_out, out, out)
+        shape = (c_out, c_in, kernel, kernel)
+        return Convolution(x, grad, shape, (stride,) * 2, (padding,) * 2, (1, 1), False, (0, 0), 1,
+                           SampleDim(0), 256, shape)
+
+    for layer in form(64, 64, 8), form(64, 128, 4):
+        assert layer.prefers_ghost() and layer.uses_position_grams
+    for layer in form(3, 32, 32), form(32, 64, 16):
+        assert not layer.prefers_ghost()
+    mnist = form(16, 32, 13, kernel=4, stride=2, padding=0)
+    assert mnist.prefers_ghost() and not mnist.uses_position_grams
+
+
+class SmallMaps(nn.Module):
+    """Late convolutions of a CNN: few positions, wide windows (ghost norms from position Grams),
+    grouped, strided and transposed."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(6, 12, 3, padding=1)
+        self.grouped = nn.Conv2d(12, 24, 3, padding=2, dilation=2, groups=2)
+        self.strided = nn.Conv2d(24, 16, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(16, 8, 3, padding=1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.grouped(torch.relu(self.conv(x))))
+        return self.head(self.up(torch.tanh(self.strided(h))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_position_gram_ghost_norms_match_the_reference(clipping):
+    torch.manual_seed(5)
+    compiled = assert_matches_reference(SmallMaps().to(D), torch.randn(5, 6, 4, 4, dtype=D), clipping=clipping)
+    plans = compiled.plans()
+    gram = [n for n, p in plans.items() if any("Grams of input positions" in note for note in p.notes)]
+    assert set(gram) == {"conv.weight", "grouped.weight", "strided.weight", "up.weight"}
+    assert all(plans[n].strategy == "ghost" for n in gram)

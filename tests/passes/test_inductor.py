@@ -36,9 +36,11 @@ class Encoder(nn.Module):
 def cases():
     torch.manual_seed(0)
     yield "mlp", nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)), torch.randn(6, 10)
-    # windows of 9 ≤ 12 output channels: per-sample gradients through dpcompile::conv_window_grads
+    # first layer: windows of 9 ≤ 12 output channels, per-sample gradients through
+    # dpcompile::conv_window_grads; second: 9 positions, ghost norm from position Grams
     yield "cnn", nn.Sequential(
-        nn.Conv2d(1, 12, 3, stride=2), nn.GroupNorm(2, 12), nn.ReLU(), nn.Flatten(), nn.Linear(12 * 3 * 3, 3)
+        nn.Conv2d(1, 12, 3, stride=2), nn.GroupNorm(2, 12), nn.ReLU(), nn.Conv2d(12, 8, 3, padding=1),
+        nn.Flatten(), nn.Linear(8 * 3 * 3, 3)
     ), torch.randn(6, 1, 8, 8)
     yield "lstm", TextLSTM(), torch.randint(0, 20, (6, 5))
     yield "transformer", Encoder(), torch.randn(6, 4, 16)
@@ -63,6 +65,7 @@ def test_inductor_matches_reference(name, model, x, clipping):
         torch.testing.assert_close(result.clipped_grads[n], clipped[n].float(), rtol=1e-4, atol=1e-5)
     if name == "cnn":
         assert any("samples at a time" in n for n in compiled.plans()["0.weight"].notes)
+        assert any("Grams of input positions" in n for n in compiled.plans()["3.weight"].notes)
     # a second batch of the same shape reuses the compiled graph
     compiled(x, y, max_grad_norm=arg, mask=mask)
     assert compiled.num_compiled == 1

@@ -130,7 +130,7 @@ def test_conv_materialized_in_sample_blocks(monkeypatch, clipping):
     torch.manual_seed(2)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
                           nn.Conv2d(8, 8, 3, padding=1)).to(D)
-    x = torch.randn(11, 3, 8, 8, dtype=D)
+    x = torch.randn(11, 3, 16, 16, dtype=D)  # 8×8 maps at the second layer: materialized, not ghost
     mask = torch.ones(11, dtype=D)
     mask[[2, 9]] = 0
     compiled = assert_matches_reference(model, x, clipping=clipping, mask=mask)
