@@ -313,7 +313,8 @@ class Convolution(GradForm):
         for offset in itertools.product(*(range(k) for k in self.weight_shape[2:])):
             block = tuple(slice(d * o, d * o + s * (n - 1) + 1, s)
                           for o, d, s, n in zip(offset, self.dilation, self.stride, out_size))
-            term = window_gram[(slice(None), slice(None), *block, slice(None), *block)] * grad_gram
+            index = (slice(None),) * 2 + block + (slice(None),) + block
+            term = window_gram[index] * grad_gram
             term = term.reshape(self.batch, -1).sum(1)
             sq = term if sq is None else sq + term
         assert sq is not None
