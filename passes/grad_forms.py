@@ -426,16 +426,30 @@ def conv_window_grads(x: torch.Tensor, grad: torch.Tensor, weight_shape: list[in
     """Per-sample weight gradients ``(B, prod(weight_shape))`` of a (not transposed) convolution
     from its unfolded input windows and a batched GEMM, ``samples_per_block`` samples at a time:
     only one block's windows exist at once."""
+    from passes.per_sample_rules import by_position, window_view
+
     batch = x.shape[0] // (outer * inner)
     spatial = len(weight_shape) - 2
     form = Convolution(x, grad, tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), False,
                        (0,) * spatial, groups, SampleDim(0, outer, inner), batch, tuple(weight_shape))
-    per_sample = x.new_empty(batch, math.prod(weight_shape))
+    _, _, r, c = form.dims
+    # windows: a strided view of the padded input; each block's are one copy of it (eagerly much
+    # faster than the native im2col, see unfold_nd)
+    windows = window_view(x, tuple(weight_shape[2:]), tuple(stride), tuple(padding), tuple(dilation))
+    positions = grad.flatten(2)
+    per_sample = x.new_empty(batch, groups, r, c)
+    frames = SampleDim(0, outer, inner)
     for lo in range(0, batch, samples_per_block):
         hi = min(batch, lo + samples_per_block)
-        # eager: windows as one strided copy, not the slower native im2col (see unfold_nd)
-        per_sample[lo:hi] = form.samples(lo, hi).as_outer(im2col=False).materialize().reshape(hi - lo, -1)
-    return per_sample
+        block_windows = form._frames(windows, lo, hi).reshape(-1, x.shape[1] * math.prod(weight_shape[2:]),
+                                                              positions.shape[-1])
+        cols = _groups_first(by_position(block_windows, groups, frames, hi - lo))  # (b·G, T, C)
+        rows = _groups_first(by_position(form._frames(positions, lo, hi).flatten(0, 2), groups, frames, hi - lo))
+        # (C × T)·(T × R): both factors row-major here (windows copied channel-major, the output
+        # gradient channels-last), twice as fast on CPU as (R × T)·(T × C) for this layer shape
+        # (18 samples of 3→32 channels, 32×32: 0.25 against 0.52 ms)
+        per_sample[lo:hi].view(-1, r, c).copy_(torch.bmm(cols.transpose(1, 2), rows).transpose(1, 2))
+    return per_sample.view(batch, -1)
 
 
 @conv_window_grads.register_fake

@@ -206,6 +206,20 @@ def unfold_nd(
             kernel, stride, padding, dilation = ((1, *v) for v in (kernel, stride, padding, dilation))
             padding = (0, padding[1])
         return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    x = window_view(x, kernel, stride, padding, dilation)
+    return x.reshape(x.shape[0], x.shape[1] * math.prod(kernel), -1)
+
+
+def window_view(
+    x: torch.Tensor,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> torch.Tensor:
+    """(N, C, *S) → (N, C, *kernel, *L): every output position's input window, a strided view of
+    the zero-padded input (the padding is the only copy)."""
+    n = len(kernel)
     pad: list[int] = []
     for p in reversed(padding):
         pad += [p, p]
@@ -218,11 +232,10 @@ def unfold_nd(
             x = x[..., :: dilation[k]]
     positions = [2 + k for k in range(n)]
     window = [2 + n + k for k in range(n)]
-    x = x.permute(0, 1, *window, *positions)
-    return x.reshape(x.shape[0], x.shape[1] * math.prod(kernel), -1)
+    return x.permute(0, 1, *window, *positions)
 
 
-def _by_position(t: torch.Tensor, groups: int, split: SampleDim, batch: int) -> torch.Tensor:
+def by_position(t: torch.Tensor, groups: int, split: SampleDim, batch: int) -> torch.Tensor:
     """(N, G·X, L) → (B, T, G, X) as a view of ``t`` when samples are not merged with positions."""
     n, channels, length = t.shape
     per_position = t.reshape(n, groups, channels // groups, length).permute(0, 3, 1, 2)
@@ -266,8 +279,8 @@ def conv_outer(conv: Convolution, im2col: bool = True) -> Outer:
     else:
         windows = unfold_nd(conv.grad, kernel, conv.stride, conv.padding, conv.dilation, im2col)  # (N, C_out·K, L_in)
         positions = conv.x.flatten(2)  # (N, C_in, L_in)
-    rows = _by_position(positions, g, conv.sample, conv.batch)
-    cols = _by_position(windows, g, conv.sample, conv.batch)
+    rows = by_position(positions, g, conv.sample, conv.batch)
+    cols = by_position(windows, g, conv.sample, conv.batch)
     outer = Outer(rows, cols, conv.shape)
     outer.rule = conv.rule
     return outer
