@@ -65,6 +65,14 @@ CONV_DEFER_RATIO = 2.0
 # B=256), which stayed live at the private step's peak.
 CONV_WINDOW_BLOCK_BYTES_CPU = 2 << 20
 
+def pad_both_sides(padding: tuple[int, ...]) -> list[int]:
+    """A convolution's per-dimension padding as ``F.pad``'s list (last dimension first)."""
+    pad: list[int] = []
+    for p in reversed(padding):
+        pad += [p, p]
+    return pad
+
+
 _ATEN_ONLY = contextvars.ContextVar("dpcompile_aten_only_forms", default=False)
 
 
@@ -303,9 +311,7 @@ class Convolution(GradForm):
         window_gram = self._position_gram(windowed).view(*lead, *in_size, frames, *in_size)
         # the Gram of the zero-padded input is the Gram zero-padded (a pad Inductor fuses into
         # the products below, where padding the input would copy it)
-        pad: list[int] = []
-        for p in reversed(self.padding):
-            pad += [p, p]
+        pad = pad_both_sides(self.padding)
         if any(pad):
             window_gram = torch.nn.functional.pad(window_gram, [*pad, 0, 0, *pad])
         grad_gram = self._position_gram(positions).view(*lead, *out_size, frames, *out_size)
@@ -323,7 +329,7 @@ class Convolution(GradForm):
     def _position_gram(self, t: torch.Tensor) -> torch.Tensor:
         """(N, G·C, *S) → (B·G, F·P, F·P): inner products of a sample's positions (its frames'
         positions together), per group."""
-        n, channels = t.shape[:2]
+        channels = t.shape[1]
         g, outer, inner = self.groups, self.sample.outer, self.sample.inner
         by_group = t.reshape(outer, self.batch, inner, g, channels // g, -1)
         by_position = by_group.permute(1, 3, 0, 2, 5, 4).reshape(self.batch * g, -1, channels // g)
@@ -622,7 +628,7 @@ def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, N
         plan.materialized_flops = conv.materialize_cost()[0]
         plan.flops = plan.ghost_flops
         plan.notes.append("ghost norm from Grams of input positions (no unfolded windows)")
-        return conv.sq_norm(), plan, None
+        return conv.position_gram_sq_norm(), plan, None
     # Otherwise convolutions take part as outer products (ghost norms, cross terms between uses).
     forms = [f.as_outer() if isinstance(f, Convolution) else f for f in forms]
     outers = [f for f in forms if isinstance(f, Outer)]

@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from passes.grad_forms import Convolution, Dense, GradForm, Lookup, Outer, Scattered
+from passes.grad_forms import Convolution, Dense, GradForm, Lookup, Outer, Scattered, pad_both_sides
 from passes.sample_dims import Analysis, SampleDim
 from passes.samples import rows_per_sample, split_samples
 
@@ -220,9 +220,7 @@ def window_view(
     """(N, C, *S) → (N, C, *kernel, *L): every output position's input window, a strided view of
     the zero-padded input (the padding is the only copy)."""
     n = len(kernel)
-    pad: list[int] = []
-    for p in reversed(padding):
-        pad += [p, p]
+    pad = pad_both_sides(padding)
     if any(pad):
         x = F.pad(x, pad)
     for k in range(n):
