@@ -24,7 +24,7 @@ from passes import analyze, capture, private_backward
 from passes.capture import Capture
 from passes.errors import BatchDimensionError
 from passes.grad_forms import NormPlan
-from passes.lower import Backend, lower_split
+from passes.lower import Backend, BoxedGraph, lower_split
 from passes.partition import SplitGraphs, split
 from passes.rewrite import example_private_inputs
 from passes.sample_dims import SampleDim
@@ -38,7 +38,7 @@ class CompiledStep:
     capture: Capture
     graphs: SplitGraphs
     forward: Callable[..., Any]
-    backward: Callable[..., Any]
+    backward: BoxedGraph  # called with one list, which it empties
     padded_batch: int
     leaf_dims: list[SampleDim | None]
     seed_dims: list[SampleDim | None]
@@ -216,12 +216,18 @@ class Engine:
         return leaves, list(out[step.num_leaves :])
 
     def run_backward(self, step: CompiledStep, saved: list[torch.Tensor], seeds: list[torch.Tensor], count: int) -> list[torch.Tensor | None]:
+        """The clipped per-sample gradient sums of one physical batch, by trainable parameter.
+
+        ``saved`` is consumed: the call empties it, and the caller must hold no other reference
+        to the saved values (the backward frees each at its last use, and may write into it)."""
         ref = self.trainable()[0][1]  # mask and bound were traced with this dtype and device
         padded = step.padded_batch
         mask = torch.zeros(padded, dtype=ref.dtype, device=ref.device)
         mask[:count] = 1
         clip = self.clip_bound_tensor(step, ref)
-        out = step.backward(*saved, *seeds, mask, clip)
+        # Boxed: the compiled backward empties the list and frees each saved value at last use.
+        saved.extend((*seeds, mask, clip))
+        out = step.backward(saved)
         norms, clipped = out[0], out[1:]
         self._record(step, clipped, norms[:count], count)
         by_name = dict(zip((step.capture.trainable[k] for k in step.capture.grad_for), clipped))
@@ -329,5 +335,11 @@ class _PrivateStep(torch.autograd.Function):
             else:
                 # Output gradients of a mean loss are 1/n of each sample's gradient.
                 seeds.append(pad_samples(grad * scale, sd, count, step.padded_batch))
-        clipped = engine.run_backward(step, list(ctx.saved_tensors), seeds, count)
+        saved = list(ctx.saved_tensors)
+        # Drop the autograd node's references too (no retain_graph: a second backward raises
+        # above), so the compiled backward frees each saved value at its last use.
+        clear_saved = getattr(ctx, "maybe_clear_saved_tensors", None)
+        if clear_saved is not None:
+            clear_saved()
+        clipped = engine.run_backward(step, saved, seeds, count)
         return (None, None, None, None, *clipped)

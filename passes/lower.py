@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import re
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, Literal
@@ -17,7 +17,7 @@ Backend = Literal["inductor", "eager"]
 
 
 def lower(graph_module: fx.GraphModule, backend: Backend = "inductor", *,
-          keep_output_strides: bool = True, donated: Collection[str] = ()) -> Callable[..., Any]:
+          keep_output_strides: bool = True) -> Callable[..., Any]:
     """A callable running ``graph_module``: compiled by Inductor, or the graph itself.
 
     Under Inductor, recurrence scans also compile their per-step cells (one kernel per step),
@@ -25,24 +25,121 @@ def lower(graph_module: fx.GraphModule, backend: Backend = "inductor", *,
     kernel (see passes/kernels.py).
 
     ``keep_output_strides=False`` lets Inductor return outputs in the layout it computed them in
-    (for a forward whose saved values go to a backward that accepts any strides). ``donated``
-    names inputs the caller never reads after the call: Inductor may write into them.
+    (for a forward whose saved values go to a backward that accepts any strides).
     """
     if backend == "eager":
         return graph_module
     if backend == "inductor":
         graph_module = for_inductor(graph_module)
         # Shapes are static: one compiled graph per physical batch shape, never re-specialized.
-        if donated:
-            if not keep_output_strides:
-                raise ValueError("donated inputs are only supported with keep_output_strides=True")
-            return torch.compile(graph_module, backend=_donating_inductor(frozenset(donated)),
-                                 fullgraph=True, dynamic=False)
         options: dict[str, str | int | bool | Callable[..., Any]] | None = (
             None if keep_output_strides else {"keep_output_stride": False}
         )
         return torch.compile(graph_module, backend="inductor", fullgraph=True, dynamic=False, options=options)
     raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
+
+
+class BoxedGraph:
+    """``graph_module`` called boxed: with one list of tensors, which the call empties, so each
+    input can be freed at its last use inside the graph instead of when the call returns (the
+    convention of AOTAutograd's own compiled backward).
+
+    Under Inductor it is compiled without Dynamo on its first call with each layout of arguments
+    (shapes, strides, dtypes, devices), and the inputs at positions ``donated`` (never read by
+    the caller afterwards) may hold results: a kernel may write into a donated input it last
+    reads instead of a fresh buffer.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, backend: Backend = "inductor",
+                 donated: Collection[int] = ()) -> None:
+        if backend not in ("inductor", "eager"):
+            raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
+        self.graph_module = for_inductor(graph_module) if backend == "inductor" else graph_module
+        self.backend = backend
+        self.donated = frozenset(donated)
+        self.compiled: dict[tuple[Any, ...], Callable[[list[Any]], Any]] = {}
+
+    def __call__(self, args: list[Any]) -> Any:
+        if self.backend == "eager":
+            values = list(args)
+            args.clear()
+            return self.graph_module(*values)
+        layout = tuple((t.shape, t.stride(), t.dtype, t.device) if isinstance(t, torch.Tensor) else t
+                       for t in args)
+        compiled = self.compiled.get(layout)
+        if compiled is None:
+            compiled = self.compiled[layout] = compile_boxed(self.graph_module, args, self.donated)
+        return compiled(args)
+
+
+def compile_boxed(graph_module: fx.GraphModule, tensors: Sequence[torch.Tensor],
+                  donated: Collection[int] = ()) -> Callable[[list[Any]], Any]:
+    """``graph_module`` compiled by Inductor for arguments like ``tensors`` (same shapes, strides,
+    dtypes, devices), called with one list of them that the call empties.
+
+    Inputs at positions ``donated`` are dead after the call, as AOTAutograd tells Inductor for the
+    saved values of its own backward. Measured on the CIFAR-10 CNN at batch 256 (2 CPU cores): the
+    first layer's output gradient (33.5 MB) reuses the saved activation, as in the non-private
+    backward; without it the fresh buffer cost 8,200 page faults a step and the step 101 → 92 ms.
+    Donation uses Inductor's backward-graph hooks (``is_backward``, the tracing context's donated
+    indices); where a PyTorch version lacks them, or the generated code reuses a buffer that is
+    read later (:func:`reuses_only_dead_buffers`), the graph is compiled without donation.
+    """
+    from torch._dynamo.utils import GmWrapper
+    from torch._guards import TracingContext, tracing
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    num_inputs = len(tensors)
+    positions = sorted(k for k in donated if k < num_inputs)
+    compiler_config: Any = torch.compiler.config
+    functorch_config: Any = torch._functorch.config
+    if not hasattr(compiler_config, "cache_key_tag") or not hasattr(functorch_config, "enable_autograd_cache"):
+        positions = []
+
+    def inner(graph: fx.GraphModule, inputs: list[Any], **kwargs: Any) -> Any:
+        context = torch._guards.TracingContext.try_get()
+        metadata: Any = getattr(context, "fw_metadata", None)
+        # AOTAutograd puts the graph's own parameters and buffers (if any) before the arguments.
+        offset = len(inputs) - num_inputs
+        if not positions or offset < 0 or not hasattr(metadata, "bw_donated_idxs"):
+            return compile_fx_inner(graph, inputs, **kwargs)
+        previous = metadata.bw_donated_idxs
+        metadata.bw_donated_idxs = [offset + k for k in positions]
+        try:
+            compiled = compile_fx_inner(graph, inputs, **{**kwargs, "is_backward": True})
+        finally:
+            metadata.bw_donated_idxs = previous
+        if reuses_only_dead_buffers(getattr(compiled, "source_code", "")):
+            return compiled
+        recorded_strides = getattr(context, "output_strides", None)
+        if recorded_strides:
+            recorded_strides.clear()  # recorded by the rejected compile
+        return compile_fx_inner(graph, inputs, **kwargs)
+
+    fake_mode, fake = _static_fakes(tensors)
+    # A GmWrapper tells AOTAutograd the arguments come boxed: its runtime empties the list.
+    wrapper = GmWrapper(graph_module, lambda args: args)
+    # Inductor's caches do not key on donation: keep these graphs apart from any other, and skip
+    # AOTAutograd's cache, whose hits would bypass the check in `inner`.
+    tag = f"{getattr(compiler_config, 'cache_key_tag', '')}|dpcompile-donated:{positions}"
+    with tracing(TracingContext(fake_mode)), contextlib.ExitStack() as stack:
+        if positions:
+            stack.enter_context(compiler_config.patch(cache_key_tag=tag))
+            stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
+        compiled: Callable[[list[Any]], Any] = compile_fx(wrapper, fake, inner_compile=inner)  # type: ignore[arg-type,assignment]
+    return compiled
+
+
+def _static_fakes(tensors: Sequence[Any]) -> tuple[Any, list[Any]]:
+    """A fake mode and fakes of ``tensors`` for compiling outside Dynamo. Inductor's on-disk graph
+    cache needs a shape environment (without one every process compiles again, 10-20 s for the
+    noise kernel); static shapes keep the kernels specialized."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    return fake_mode, [fake_mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t
+                       for t in tensors]
 
 
 def compile_function(fn: Callable[..., Any], tensors: Sequence[torch.Tensor],
@@ -55,78 +152,16 @@ def compile_function(fn: Callable[..., Any], tensors: Sequence[torch.Tensor],
     """
     from torch._guards import TracingContext, tracing
     from torch._inductor.compile_fx import compile_fx
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     graph = make_fx(fn, tracing_mode="fake")(*tensors)
-    # Inductor's on-disk graph cache needs a shape environment (without one every process
-    # compiles again, 10-20 s for the noise kernel); static shapes keep the kernel specialized.
-    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
-    fake = [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
+    fake_mode, fake = _static_fakes(tensors)
     with tracing(TracingContext(fake_mode)):
         compiled: Callable[..., Any] = compile_fx(graph, fake, config_patches=config_patches or {})  # type: ignore[assignment]
     return compiled
 
 
-def _donating_inductor(donated: frozenset[str]) -> Callable[..., Any]:
-    """Inductor as a torch.compile backend, told that the inputs named ``donated`` are dead after
-    the call, as AOTAutograd tells it for the saved values of its own backward: a kernel may then
-    write its result into a saved value it last reads instead of a fresh buffer.
-
-    Measured on the CIFAR-10 CNN at batch 256 (2 CPU cores): the first layer's output gradient
-    (33.5 MB) reuses the saved activation, as in the non-private backward; without it the fresh
-    buffer cost 8,200 page faults a step and the step 101 → 92 ms.
-
-    Uses Inductor's backward-graph hooks (``is_backward``, the tracing context's donated indices);
-    where a PyTorch version lacks them, an input cannot be matched to its name, or the generated
-    code reuses a buffer that is read later (:func:`reuses_only_dead_buffers`), the graph is
-    compiled without donation.
-    """
-    from torch._dynamo.source import LocalSource
-    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-
-    def backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
-        # Dynamo orders (and drops unused) inputs by first use: find the donated ones by name.
-        names = []
-        for node in gm.graph.find_nodes(op="placeholder"):
-            source = getattr(node.meta.get("grapharg"), "source", None)
-            names.append(source.local_name if isinstance(source, LocalSource) else None)
-        positions = [k for k, name in enumerate(names) if name in donated]
-        compiler_config: Any = torch.compiler.config
-        functorch_config: Any = torch._functorch.config
-        if not positions or not hasattr(compiler_config, "cache_key_tag") \
-                or not hasattr(functorch_config, "enable_autograd_cache"):
-            return compile_fx(gm, example_inputs)
-
-        def inner(graph: fx.GraphModule, inputs: list[Any], **kwargs: Any) -> Any:
-            context = torch._guards.TracingContext.try_get()
-            metadata: Any = getattr(context, "fw_metadata", None)
-            if len(inputs) != len(names) or not hasattr(metadata, "bw_donated_idxs"):
-                return compile_fx_inner(graph, inputs, **kwargs)
-            previous = metadata.bw_donated_idxs
-            metadata.bw_donated_idxs = positions
-            try:
-                compiled = compile_fx_inner(graph, inputs, **{**kwargs, "is_backward": True})
-            finally:
-                metadata.bw_donated_idxs = previous
-            if reuses_only_dead_buffers(getattr(compiled, "source_code", "")):
-                return compiled
-            recorded_strides = getattr(context, "output_strides", None)
-            if recorded_strides:
-                recorded_strides.clear()  # recorded by the rejected compile
-            return compile_fx_inner(graph, inputs, **kwargs)
-
-        # Inductor's caches do not key on donation: keep these graphs apart from any other, and
-        # skip AOTAutograd's cache, whose hits would bypass the check in `inner`.
-        tag = f"{compiler_config.cache_key_tag}|dpcompile-donated:{positions}"
-        with compiler_config.patch(cache_key_tag=tag), functorch_config.patch(enable_autograd_cache=False):
-            return compile_fx(gm, example_inputs, inner_compile=inner)
-
-    return backend
-
-
-def lower_split(graphs: SplitGraphs, backend: Backend = "inductor") -> tuple[Callable[..., Any], Callable[..., Any], bool]:
+def lower_split(graphs: SplitGraphs, backend: Backend = "inductor") -> tuple[Callable[..., Any], BoxedGraph, bool]:
     """The forward and the private backward of one split, lowered together.
 
     Inductor computes a convolution net's forward channels-last on CPU. When the backward
@@ -135,17 +170,18 @@ def lower_split(graphs: SplitGraphs, backend: Backend = "inductor") -> tuple[Cal
     forward's outputs may come back in such a layout: the caller restores model outputs.
     Without convolutions Inductor keeps the traced layouts, and both graphs stay as they are.
 
-    The backward may write into the saved values the forward computed (:func:`donatable_saved`):
-    call it at most once per forward call, and never read those values afterwards.
+    The backward is a :class:`BoxedGraph`: called with one list (saved values, then the rest of
+    its inputs) that it empties, so each saved value is freed at its last use, as in
+    AOTAutograd's backward. It may write into the saved values the forward computed
+    (:func:`donatable_saved`): call it at most once per forward call, and hold no other
+    reference to those values.
     """
     convolves = any(n.target is torch.ops.aten.convolution.default for n in graphs.forward.graph.nodes)
     any_strides = accepting_any_strides(graphs.backward) if backend == "inductor" and convolves else None
     relaid = any_strides is not None
     forward = lower(graphs.forward, backend, keep_output_strides=not relaid)
     backward = any_strides or graphs.backward
-    saved_inputs = list(inspect.signature(backward.forward).parameters)[: graphs.num_saved]
-    donated = [saved_inputs[k] for k in donatable_saved(graphs)]
-    return forward, lower(backward, backend, donated=donated), relaid
+    return forward, BoxedGraph(backward, backend, donated=donatable_saved(graphs)), relaid
 
 
 _REUSE = re.compile(r"^\s*(\w+) = (?:reinterpret_tensor\()?(\w+)\b.*; del \2\s+# reuse")

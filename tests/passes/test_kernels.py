@@ -74,7 +74,7 @@ def test_low_memory_max_pool_net_compiles_to_the_eager_values():
     forward, backward, _ = lower_split(graphs, "inductor")
     saved = list(forward(*inputs[:num_forward])[graphs.num_outputs :])
     expected = accepting_any_strides(graphs.backward)(*[s.clone() for s in saved], *inputs[num_forward:])
-    got = backward(*saved, *inputs[num_forward:])
+    got = backward([*saved, *inputs[num_forward:]])
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
     assert all(e.abs().max() > 0 for e in expected[1:])  # the check could fail: nothing is zero

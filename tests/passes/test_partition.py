@@ -143,7 +143,7 @@ def test_compiled_backward_writes_only_into_donated_saved_values():
     saved = list(results[graphs.num_outputs :])
     copies = [s.clone() for s in saved]
     expected = accepting_any_strides(graphs.backward)(*copies, *rest)  # saved channels-last
-    got = backward(*saved, *rest)
+    got = backward([*saved, *rest])
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
     for t, original in zip(inputs, originals):  # parameters and batch untouched
