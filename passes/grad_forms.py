@@ -65,6 +65,7 @@ CONV_DEFER_RATIO = 2.0
 # B=256), which stayed live at the private step's peak.
 CONV_WINDOW_BLOCK_BYTES_CPU = 2 << 20
 
+
 def pad_both_sides(padding: tuple[int, ...]) -> list[int]:
     """A convolution's per-dimension padding as ``F.pad``'s list (last dimension first)."""
     pad: list[int] = []

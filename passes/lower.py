@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, Literal
@@ -89,22 +88,28 @@ def compile_boxed(graph_module: fx.GraphModule, tensors: Sequence[torch.Tensor],
     from torch._guards import TracingContext, tracing
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
-    num_inputs = len(tensors)
-    positions = sorted(k for k in donated if k < num_inputs)
+    fake_mode, fake = _static_fakes(tensors)
+    # A GmWrapper tells AOTAutograd the arguments come boxed: its runtime empties the list.
+    wrapper = GmWrapper(graph_module, lambda args: args)
+    positions = sorted(k for k in donated if k < len(tensors))
     compiler_config: Any = torch.compiler.config
     functorch_config: Any = torch._functorch.config
-    if not hasattr(compiler_config, "cache_key_tag") or not hasattr(functorch_config, "enable_autograd_cache"):
-        positions = []
+    if not positions or not hasattr(compiler_config, "cache_key_tag") \
+            or not hasattr(functorch_config, "enable_autograd_cache"):
+        with tracing(TracingContext(fake_mode)):
+            return compile_fx(wrapper, fake)  # type: ignore[arg-type,return-value]
+    # AOTAutograd puts the graph's own parameters and buffers (if any) before the arguments.
+    attributes = len(dict(wrapper.named_parameters(remove_duplicate=False))) \
+        + len(dict(wrapper.named_buffers(remove_duplicate=False)))
 
     def inner(graph: fx.GraphModule, inputs: list[Any], **kwargs: Any) -> Any:
         context = torch._guards.TracingContext.try_get()
         metadata: Any = getattr(context, "fw_metadata", None)
-        # AOTAutograd puts the graph's own parameters and buffers (if any) before the arguments.
-        offset = len(inputs) - num_inputs
-        if not positions or offset < 0 or not hasattr(metadata, "bw_donated_idxs"):
+        # Fewer inputs (AOTAutograd merged duplicate arguments) would move the positions.
+        if len(inputs) != attributes + len(tensors) or not hasattr(metadata, "bw_donated_idxs"):
             return compile_fx_inner(graph, inputs, **kwargs)
         previous = metadata.bw_donated_idxs
-        metadata.bw_donated_idxs = [offset + k for k in positions]
+        metadata.bw_donated_idxs = [attributes + k for k in positions]
         try:
             compiled = compile_fx_inner(graph, inputs, **{**kwargs, "is_backward": True})
         finally:
@@ -116,18 +121,12 @@ def compile_boxed(graph_module: fx.GraphModule, tensors: Sequence[torch.Tensor],
             recorded_strides.clear()  # recorded by the rejected compile
         return compile_fx_inner(graph, inputs, **kwargs)
 
-    fake_mode, fake = _static_fakes(tensors)
-    # A GmWrapper tells AOTAutograd the arguments come boxed: its runtime empties the list.
-    wrapper = GmWrapper(graph_module, lambda args: args)
     # Inductor's caches do not key on donation: keep these graphs apart from any other, and skip
     # AOTAutograd's cache, whose hits would bypass the check in `inner`.
-    tag = f"{getattr(compiler_config, 'cache_key_tag', '')}|dpcompile-donated:{positions}"
-    with tracing(TracingContext(fake_mode)), contextlib.ExitStack() as stack:
-        if positions:
-            stack.enter_context(compiler_config.patch(cache_key_tag=tag))
-            stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
-        compiled: Callable[[list[Any]], Any] = compile_fx(wrapper, fake, inner_compile=inner)  # type: ignore[arg-type,assignment]
-    return compiled
+    tag = f"{compiler_config.cache_key_tag}|dpcompile-donated:{positions}"
+    with tracing(TracingContext(fake_mode)), compiler_config.patch(cache_key_tag=tag), \
+            functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(wrapper, fake, inner_compile=inner)  # type: ignore[arg-type,return-value]
 
 
 def _static_fakes(tensors: Sequence[Any]) -> tuple[Any, list[Any]]:

@@ -50,7 +50,7 @@ def test_boxed_graph_frees_each_input_at_its_last_use(backend: str, freed_early:
         assert args == []  # the call took the arguments
         torch.testing.assert_close(out, expected)
         assert _probe_saw_freed == [freed_early]
-    assert len(getattr(graph, "compiled", {})) == (1 if backend == "inductor" else 0)
+    assert len(graph.compiled) == (1 if backend == "inductor" else 0)
 
 
 def test_boxed_graph_compiles_again_for_a_new_layout() -> None:
