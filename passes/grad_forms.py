@@ -310,12 +310,15 @@ class Convolution(GradForm):
         in_size, out_size = tuple(windowed.shape[2:]), tuple(positions.shape[2:])
         lead = (self.batch * self.groups, frames)
         window_gram = self._position_gram(windowed).view(*lead, *in_size, frames, *in_size)
+        grad_gram = self._position_gram(positions).view(*lead, *out_size, frames, *out_size)
+        if all(s == 1 for s in self.stride):
+            summed = self._offsets_summed(grad_gram, in_size, out_size)
+            return (summed * window_gram).reshape(self.batch, -1).sum(1)
         # the Gram of the zero-padded input is the Gram zero-padded (a pad Inductor fuses into
         # the products below, where padding the input would copy it)
         pad = pad_both_sides(self.padding)
         if any(pad):
             window_gram = torch.nn.functional.pad(window_gram, [*pad, 0, 0, *pad])
-        grad_gram = self._position_gram(positions).view(*lead, *out_size, frames, *out_size)
         sq = None
         for offset in itertools.product(*(range(k) for k in self.weight_shape[2:])):
             block = tuple(slice(d * o, d * o + s * (n - 1) + 1, s)
@@ -326,6 +329,25 @@ class Convolution(GradForm):
             sq = term if sq is None else sq + term
         assert sq is not None
         return sq
+
+    def _offsets_summed(self, grad_gram: torch.Tensor, in_size: tuple[int, ...],
+                        out_size: tuple[int, ...]) -> torch.Tensor:
+        """For stride 1, the offsets moved to the output side: ``Σ_κ grad_gram[u+p−d·κ, u'+p−d·κ]``
+        at input positions u, u' (zero outside), so that one product with the unpadded input Gram
+        remains. A third the work of one masked product per offset on the padded input Gram, on
+        CPU, and no offset's terms recomputed."""
+        reach = [d * (k - 1) for d, k in zip(self.dilation, self.weight_shape[2:])]
+        pad: list[int] = []  # output positions extended to reach - p before and after the input's span
+        for r, p, n_in, n_out in reversed(list(zip(reach, self.padding, in_size, out_size))):
+            pad += [r - p, n_in - n_out + p]
+        extended = torch.nn.functional.pad(grad_gram, [*pad, 0, 0, *pad])
+        summed = None
+        for offset in itertools.product(*(range(k) for k in self.weight_shape[2:])):
+            block = tuple(slice(r - d * o, r - d * o + n) for r, d, o, n in zip(reach, self.dilation, offset, in_size))
+            term = extended[(slice(None),) * 2 + block + (slice(None),) + block]
+            summed = term if summed is None else summed + term
+        assert summed is not None
+        return summed
 
     def _position_gram(self, t: torch.Tensor) -> torch.Tensor:
         """(N, G·C, *S) → (B·G, F·P, F·P): inner products of a sample's positions (its frames'
