@@ -233,6 +233,8 @@ class Convolution(GradForm):
     sample: SampleDim
     batch_size: int
     shape: tuple[int, ...]
+    # the per-sample bias gradients come out of the same window call (see :meth:`per_sample_bias`)
+    with_bias: bool = False
     rule = "convolution"
 
     @property
@@ -388,15 +390,35 @@ class Convolution(GradForm):
         call that unfolds windows a block at a time (:attr:`windows_in_one_call`)."""
         b = self.batch
         if self.windows_in_one_call:
-            per_sample = torch.ops.dpcompile.conv_window_grads(
-                self.x, self.grad, list(self.weight_shape), list(self.stride), list(self.padding),
-                list(self.dilation), self.groups, self.sample.outer, self.sample.inner,
-                self.window_block_samples)
+            per_sample = self._window_call()[:, :math.prod(self.weight_shape)]
             return [per_sample.view(b, *self.shape)]
         per_call = b
         if self.x.device.type == "cpu" and b * math.prod(self.shape) * self.x.element_size() > CONV_ONE_CALL_BYTES_CPU:
             per_call = CONV_SAMPLES_PER_CALL_CPU
         return [self._materialize(lo, min(b, lo + per_call)) for lo in range(0, b, per_call)]
+
+    def _window_call(self) -> torch.Tensor:
+        """``dpcompile::conv_window_grads`` over the whole batch: ``(B, weight numel [+ C_out])``.
+        The weight's and the bias's forms make the same call, merged into one by
+        :func:`passes.simplify.merge_duplicates`."""
+        return torch.ops.dpcompile.conv_window_grads(
+            self.x, self.grad, list(self.weight_shape), list(self.stride), list(self.padding),
+            list(self.dilation), self.groups, self.sample.outer, self.sample.inner,
+            self.window_block_samples, self.with_bias)
+
+    @property
+    def shares_bias_call(self) -> bool:
+        """The per-sample bias gradients are a by-product of the per-sample weight gradients'
+        window call (a row of ones among each block's windows): when that call is made anyway,
+        which saves a second pass over the output gradient (on CPU, Inductor recomputes the
+        gradient's producer for a reduction over positions per sample)."""
+        return self.windows_in_one_call and not self.prefers_ghost()
+
+    def per_sample_bias(self) -> torch.Tensor:
+        """``(B, C_out)``: each sample's output gradient summed over positions and frames, from
+        the window call (requires :attr:`with_bias`)."""
+        assert self.with_bias
+        return self._window_call()[:, math.prod(self.weight_shape):]
 
     @property
     def windows_in_one_call(self) -> bool:
@@ -451,10 +473,11 @@ class Convolution(GradForm):
 @torch.library.custom_op("dpcompile::conv_window_grads", mutates_args=())
 def conv_window_grads(x: torch.Tensor, grad: torch.Tensor, weight_shape: list[int], stride: list[int],
                       padding: list[int], dilation: list[int], groups: int, outer: int, inner: int,
-                      samples_per_block: int) -> torch.Tensor:
+                      samples_per_block: int, with_bias: bool = False) -> torch.Tensor:
     """Per-sample weight gradients ``(B, prod(weight_shape))`` of a (not transposed) convolution
     from its unfolded input windows and a batched GEMM, ``samples_per_block`` samples at a time:
-    only one block's windows exist at once."""
+    only one block's windows exist at once. ``with_bias``: followed by the per-sample bias
+    gradients ``(B, C_out)``, from a row of ones added to each block's windows."""
     from passes.per_sample_rules import by_position, window_view
 
     batch = x.shape[0] // (outer * inner)
@@ -466,8 +489,11 @@ def conv_window_grads(x: torch.Tensor, grad: torch.Tensor, weight_shape: list[in
     # faster than the native im2col, see unfold_nd)
     windows = window_view(x, tuple(weight_shape[2:]), tuple(stride), tuple(padding), tuple(dilation))
     positions = grad.flatten(2)
-    per_sample = x.new_empty(batch, groups, r, c)
+    out = x.new_empty(batch, groups * r * (c + 1) if with_bias else groups * r * c)
+    per_sample = out[:, :groups * r * c].view(batch, groups, r, c)
+    bias = out[:, groups * r * c:].view(batch, groups, r) if with_bias else None
     frames = SampleDim(0, outer, inner)
+    width = c + 1 if with_bias else c
     for lo in range(0, batch, samples_per_block):
         hi = min(batch, lo + samples_per_block)
         block_windows = form._frames(windows, lo, hi).reshape(-1, x.shape[1] * math.prod(weight_shape[2:]),
@@ -477,13 +503,21 @@ def conv_window_grads(x: torch.Tensor, grad: torch.Tensor, weight_shape: list[in
         # (C × T)·(T × R): both factors row-major here (windows copied channel-major, the output
         # gradient channels-last), twice as fast on CPU as (R × T)·(T × C) for this layer shape
         # (18 samples of 3→32 channels, 32×32: 0.25 against 0.52 ms)
-        per_sample[lo:hi].view(-1, r, c).copy_(torch.bmm(cols.transpose(1, 2), rows).transpose(1, 2))
-    return per_sample.view(batch, -1)
+        channel_major = x.new_empty(cols.shape[0], width, cols.shape[1])
+        channel_major[:, :c].copy_(cols.transpose(1, 2))
+        if with_bias:
+            channel_major[:, c].fill_(1)
+        products = torch.bmm(channel_major, rows)  # (b·G, C [+ 1], R)
+        per_sample[lo:hi].copy_(products[:, :c].transpose(1, 2).view(hi - lo, groups, r, c))
+        if bias is not None:
+            bias[lo:hi].copy_(products[:, c].view(hi - lo, groups, r))
+    return out
 
 
 @conv_window_grads.register_fake
-def _(x, grad, weight_shape, stride, padding, dilation, groups, outer, inner, samples_per_block):
-    return x.new_empty(x.shape[0] // (outer * inner), math.prod(weight_shape))
+def _(x, grad, weight_shape, stride, padding, dilation, groups, outer, inner, samples_per_block, with_bias=False):
+    bias = weight_shape[0] if with_bias else 0
+    return x.new_empty(x.shape[0] // (outer * inner), math.prod(weight_shape) + bias)
 
 
 def _groups_first(factor: torch.Tensor) -> torch.Tensor:

@@ -249,21 +249,31 @@ def convolution_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> Grad
     stride, padding, dilation, transposed, output_padding, groups = (ctx.value(a) for a in node.args[4:10])
     sd = ctx.sample_dim(grad_node) or ctx.sample_dim(node.args[1])
     assert sd is not None and sd.dim == 0
-    if index == 2:
-        # Σ over frames and positions. A plain sum, which Inductor fuses into the producer of
-        # `grad`: vectorized over channels in the channels-last layout the backward of a
-        # convolution net runs in on CPU (passes/partition.py). A matmul with ones, used before,
-        # needed `grad` copied into NCHW: 15 ms of a 101 ms CIFAR-10 CNN step at batch 256.
-        per_sample = split_samples(grad, sd, ctx.batch)  # (B, o·i, C_out, *S)
-        return Dense(per_sample.sum([1, *range(3, per_sample.dim())]))
     n = weight.dim() - 2
     stride, padding, dilation, output_padding = (
         tuple(int(e) for e in v) * (n if len(v) == 1 else 1)
         for v in (stride, padding, dilation, output_padding)
     )
     shape = tuple(int(s) for s in weight.shape)
-    return Convolution(x, grad, shape, stride, padding, dilation, bool(transposed), output_padding,
+    conv = Convolution(x, grad, shape, stride, padding, dilation, bool(transposed), output_padding,
                        int(groups), SampleDim(0, sd.outer, sd.inner), ctx.batch, shape)
+    # A weight used by this convolution only (not shared with another, whose uses would be
+    # combined as outer products instead) and a bias: one window call gives both.
+    weight_node = node.args[2]
+    weight_uses = [u for u in weight_node.users if u.target == aten.convolution_backward.default] \
+        if isinstance(weight_node, fx.Node) else []
+    output_mask = node.args[10] if len(node.args) > 10 else node.kwargs["output_mask"]
+    conv.with_bias = bool(output_mask[2]) and len(weight_uses) == 1 and conv.shares_bias_call
+    if index == 2:
+        if conv.with_bias:
+            return Dense(conv.per_sample_bias())
+        # Σ over frames and positions. A plain sum, which Inductor fuses into the producer of
+        # `grad`: vectorized over channels in the channels-last layout the backward of a
+        # convolution net runs in on CPU (passes/partition.py). A matmul with ones, used before,
+        # needed `grad` copied into NCHW: 15 ms of a 101 ms CIFAR-10 CNN step at batch 256.
+        per_sample = split_samples(grad, sd, ctx.batch)  # (B, o·i, C_out, *S)
+        return Dense(per_sample.sum([1, *range(3, per_sample.dim())]))
+    return conv
 
 
 def conv_outer(conv: Convolution, im2col: bool = True) -> Outer:

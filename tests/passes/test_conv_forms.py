@@ -129,6 +129,33 @@ def test_first_layer_per_sample_gradients_match_the_reference(layer):
     assert plan.strategy == "materialized"
     windows = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
     assert any("unfolded" in n for n in plan.notes) == (windows <= layer.out_channels)
+    # unfolded: the bias's per-sample gradients come out of the weight's window call, made once
+    graph = next(iter(compiled._compiled.values())).private.graph_module.graph
+    calls = [n for n in graph.nodes if n.target == torch.ops.dpcompile.conv_window_grads.default]
+    assert [n.args[-1] for n in calls] == ([True] if windows <= layer.out_channels else [])
+
+
+@pytest.mark.parametrize("groups, frames", [(1, (1, 1)), (2, (2, 1)), (1, (1, 3))])
+def test_window_call_gives_per_sample_bias_gradients(groups, frames):
+    """The window call with a row of ones: per-sample weight gradients unchanged, followed by
+    each sample's output gradient summed over positions and frames, per group."""
+    torch.manual_seed(4)
+    batch, (outer, inner) = 5, frames
+    conv = nn.Conv2d(2, 8, 3, padding=1, groups=groups).to(D)
+    n = outer * batch * inner
+    x = torch.randn(n, 2, 6, 6, dtype=D)
+    grad = torch.randn(n, 8, 6, 6, dtype=D)
+    args = (x, grad, list(conv.weight.shape), [1, 1], [1, 1], [1, 1], groups, outer, inner, 2)
+    weights = torch.ops.dpcompile.conv_window_grads(*args)
+    both = torch.ops.dpcompile.conv_window_grads(*args, True)
+    frame_of = torch.arange(n).reshape(outer, batch, inner)
+    expected = torch.stack([
+        torch.cat([g.flatten() for g in torch.autograd.grad(
+            conv(x[frame_of[:, b].reshape(-1)]), (conv.weight, conv.bias), grad[frame_of[:, b].reshape(-1)])])
+        for b in range(batch)
+    ])
+    torch.testing.assert_close(both, expected)
+    torch.testing.assert_close(weights, expected[:, :conv.weight.numel()])
 
 
 class Stack(nn.Module):
