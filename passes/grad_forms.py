@@ -23,6 +23,7 @@ import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -392,10 +393,14 @@ class Convolution(GradForm):
         if self.windows_in_one_call:
             per_sample = self._window_call()[:, :math.prod(self.weight_shape)]
             return [per_sample.view(b, *self.shape)]
-        per_call = b
+        return [self._materialize(lo, hi) for lo, hi in self._call_blocks()]
+
+    def _call_blocks(self) -> list[tuple[int, int]]:
+        """The sample ranges of the grouped backward-weight calls."""
+        b, per_call = self.batch, self.batch
         if self.x.device.type == "cpu" and b * math.prod(self.shape) * self.x.element_size() > CONV_ONE_CALL_BYTES_CPU:
             per_call = CONV_SAMPLES_PER_CALL_CPU
-        return [self._materialize(lo, min(b, lo + per_call)) for lo in range(0, b, per_call)]
+        return [(lo, min(b, lo + per_call)) for lo in range(0, b, per_call)]
 
     def _window_call(self) -> torch.Tensor:
         """``dpcompile::conv_window_grads`` over the whole batch: ``(B, weight numel [+ C_out])``.
@@ -408,17 +413,21 @@ class Convolution(GradForm):
 
     @property
     def shares_bias_call(self) -> bool:
-        """The per-sample bias gradients are a by-product of the per-sample weight gradients'
-        window call (a row of ones among each block's windows): when that call is made anyway,
-        which saves a second pass over the output gradient (on CPU, Inductor recomputes the
-        gradient's producer for a reduction over positions per sample)."""
-        return self.windows_in_one_call and not self.prefers_ghost()
+        """The per-sample bias gradients are a by-product of the calls that materialize the
+        per-sample weight gradients (a row of ones among each block's windows, or the bias output
+        of each grouped backward-weight call): when those calls are made anyway. That saves a
+        second pass over the output gradient, which Inductor on CPU makes for a per-sample sum over
+        positions, recomputing the gradient's producer."""
+        return not self.prefers_ghost() and (self.windows_in_one_call or not self.unfolds_windows)
 
     def per_sample_bias(self) -> torch.Tensor:
         """``(B, C_out)``: each sample's output gradient summed over positions and frames, from
-        the window call (requires :attr:`with_bias`)."""
+        the calls that materialize the weight's (requires :attr:`with_bias`)."""
         assert self.with_bias
-        return self._window_call()[:, math.prod(self.weight_shape):]
+        if self.windows_in_one_call:
+            return self._window_call()[:, math.prod(self.weight_shape):]
+        blocks = [self._grouped_call(lo, hi)[2].view(hi - lo, -1) for lo, hi in self._call_blocks()]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     @property
     def windows_in_one_call(self) -> bool:
@@ -437,10 +446,16 @@ class Convolution(GradForm):
     def _materialize(self, lo: int, hi: int) -> torch.Tensor:
         """Samples ``lo:hi`` through the backward-weight kernel with the samples as groups, or
         through unfolded windows (:attr:`unfolds_windows`)."""
-        n = hi - lo
-        outer, inner = self.sample.outer, self.sample.inner
         if self.unfolds_windows:
             return self.samples(lo, hi).as_outer().materialize()
+        return self._grouped_call(lo, hi)[1].reshape(hi - lo, *self.shape)
+
+    def _grouped_call(self, lo: int, hi: int) -> tuple[Any, ...]:
+        """The backward-weight kernel over samples ``lo:hi`` with the samples as groups (and
+        their bias gradients with :attr:`with_bias`). The weight's and the bias's forms make the
+        same calls, merged into one each by :func:`passes.simplify.merge_duplicates`."""
+        n = hi - lo
+        outer, inner = self.sample.outer, self.sample.inner
 
         def samples_as_channels(t: torch.Tensor) -> torch.Tensor:
             if outer == 1 and inner == 1:  # sample-major already: a view, no permute to copy
@@ -448,12 +463,13 @@ class Convolution(GradForm):
             return self._frames(t, lo, hi).transpose(1, 2).reshape(outer * inner, n * t.shape[1], *t.shape[2:])
 
         weight = self.x.new_empty(n * self.weight_shape[0], *self.weight_shape[1:])
-        per_sample = torch.ops.aten.convolution_backward(
-            samples_as_channels(self.grad), samples_as_channels(self.x), weight, None,
+        out_channels = self.weight_shape[1] * self.groups if self.transposed else self.weight_shape[0]
+        return tuple(torch.ops.aten.convolution_backward(
+            samples_as_channels(self.grad), samples_as_channels(self.x), weight,
+            [n * out_channels] if self.with_bias else None,
             list(self.stride), list(self.padding), list(self.dilation), self.transposed,
-            list(self.output_padding), n * self.groups, [False, True, False],
-        )[1]
-        return per_sample.reshape(n, *self.shape)
+            list(self.output_padding), n * self.groups, [False, True, self.with_bias],
+        ))
 
     def _frames(self, t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """The frames of samples lo:hi of ``t``, ``(outer, hi - lo, inner, ...)``: a view."""

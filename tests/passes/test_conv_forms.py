@@ -129,10 +129,14 @@ def test_first_layer_per_sample_gradients_match_the_reference(layer):
     assert plan.strategy == "materialized"
     windows = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
     assert any("unfolded" in n for n in plan.notes) == (windows <= layer.out_channels)
-    # unfolded: the bias's per-sample gradients come out of the weight's window call, made once
+    # the bias's per-sample gradients come out of the weight's calls, each made once: the window
+    # call, or the grouped backward-weight call
     graph = next(iter(compiled._compiled.values())).private.graph_module.graph
     calls = [n for n in graph.nodes if n.target == torch.ops.dpcompile.conv_window_grads.default]
     assert [n.args[-1] for n in calls] == ([True] if windows <= layer.out_channels else [])
+    grouped = [n.args[-1] for n in graph.nodes
+               if n.target == torch.ops.aten.convolution_backward.default and n.args[-2] == x.shape[0]]
+    assert grouped == ([] if windows <= layer.out_channels else [[False, True, True]])
 
 
 @pytest.mark.parametrize("groups, frames", [(1, (1, 1)), (2, (2, 1)), (1, (1, 3))])
