@@ -112,6 +112,7 @@ class GradForm:
 @dataclass
 class Dense(GradForm):
     values: torch.Tensor  # (B, *shape)
+    note: str = ""  # how the values were made, when worth reporting (``explain``)
 
     @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
@@ -122,10 +123,10 @@ class Dense(GradForm):
         return int(self.values.shape[0])
 
     def view(self, shape: tuple[int, ...]) -> GradForm:
-        return Dense(self.values.reshape(self.batch, *shape))
+        return Dense(self.values.reshape(self.batch, *shape), note=self.note)
 
     def transpose(self) -> GradForm | None:
-        return Dense(self.values.transpose(-1, -2))
+        return Dense(self.values.transpose(-1, -2), note=self.note)
 
     def materialize(self) -> torch.Tensor:
         return self.values
@@ -708,6 +709,7 @@ def combine_sq_norms(forms: list[GradForm], param: str) -> tuple[torch.Tensor, N
     lookups = [f for f in forms if isinstance(f, Lookup)]
     scattered = [f for f in forms if isinstance(f, Scattered)]
     dense = [f.values for f in forms if isinstance(f, Dense)]
+    plan.notes += [f.note for f in forms if isinstance(f, Dense) and f.note]
     parts: list[str] = []
 
     outer: Outer | None = None

@@ -266,7 +266,7 @@ def convolution_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> Grad
     conv.with_bias = bool(output_mask[2]) and len(weight_uses) == 1 and conv.shares_bias_call
     if index == 2:
         if conv.with_bias:
-            return Dense(conv.per_sample_bias())
+            return Dense(conv.per_sample_bias(), note="per-sample gradients from the weight's per-sample calls")
         # Σ over frames and positions. A plain sum, which Inductor fuses into the producer of
         # `grad`: vectorized over channels in the channels-last layout the backward of a
         # convolution net runs in on CPU (passes/partition.py). A matmul with ones, used before,

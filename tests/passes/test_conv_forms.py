@@ -137,6 +137,7 @@ def test_first_layer_per_sample_gradients_match_the_reference(layer):
     grouped = [n.args[-1] for n in graph.nodes
                if n.target == torch.ops.aten.convolution_backward.default and n.args[-2] == x.shape[0]]
     assert grouped == ([] if windows <= layer.out_channels else [[False, True, True]])
+    assert compiled.plans()["0.bias"].notes == ["per-sample gradients from the weight's per-sample calls"]
 
 
 @pytest.mark.parametrize("groups, frames", [(1, (1, 1)), (2, (2, 1)), (1, (1, 3))])
