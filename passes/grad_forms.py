@@ -324,11 +324,10 @@ class Convolution(GradForm):
         if any(pad):
             window_gram = torch.nn.functional.pad(window_gram, [*pad, 0, 0, *pad])
         sq = None
-        for offset in itertools.product(*(range(k) for k in self.weight_shape[2:])):
+        for offset in self._kernel_offsets():
             block = tuple(slice(d * o, d * o + s * (n - 1) + 1, s)
                           for o, d, s, n in zip(offset, self.dilation, self.stride, out_size))
-            index = (slice(None),) * 2 + block + (slice(None),) + block
-            term = window_gram[index] * grad_gram
+            term = window_gram[_both_positions(block)] * grad_gram
             term = term.reshape(self.batch, -1).sum(1)
             sq = term if sq is None else sq + term
         assert sq is not None
@@ -346,12 +345,16 @@ class Convolution(GradForm):
             pad += [r - p, n_in - n_out + p]
         extended = torch.nn.functional.pad(grad_gram, [*pad, 0, 0, *pad])
         summed = None
-        for offset in itertools.product(*(range(k) for k in self.weight_shape[2:])):
+        for offset in self._kernel_offsets():
             block = tuple(slice(r - d * o, r - d * o + n) for r, d, o, n in zip(reach, self.dilation, offset, in_size))
-            term = extended[(slice(None),) * 2 + block + (slice(None),) + block]
+            term = extended[_both_positions(block)]
             summed = term if summed is None else summed + term
         assert summed is not None
         return summed
+
+    def _kernel_offsets(self) -> Iterator[tuple[int, ...]]:
+        """Every kernel offset κ, one index per spatial dimension."""
+        return itertools.product(*(range(k) for k in self.weight_shape[2:]))
 
     def _position_gram(self, t: torch.Tensor) -> torch.Tensor:
         """(N, G·C, *S) → (B·G, F·P, F·P): inner products of a sample's positions (its frames'
@@ -506,11 +509,11 @@ def conv_window_grads(x: torch.Tensor, grad: torch.Tensor, weight_shape: list[in
     # faster than the native im2col, see unfold_nd)
     windows = window_view(x, tuple(weight_shape[2:]), tuple(stride), tuple(padding), tuple(dilation))
     positions = grad.flatten(2)
-    out = x.new_empty(batch, groups * r * (c + 1) if with_bias else groups * r * c)
+    width = c + 1 if with_bias else c  # the windows' columns, and a column of ones for the bias
+    out = x.new_empty(batch, groups * r * width)
     per_sample = out[:, :groups * r * c].view(batch, groups, r, c)
     bias = out[:, groups * r * c:].view(batch, groups, r) if with_bias else None
     frames = SampleDim(0, outer, inner)
-    width = c + 1 if with_bias else c
     for lo in range(0, batch, samples_per_block):
         hi = min(batch, lo + samples_per_block)
         rows = _groups_first(by_position(form._frames(positions, lo, hi).flatten(0, 2), groups, frames, hi - lo))
@@ -539,6 +542,12 @@ def conv_window_grads(x: torch.Tensor, grad: torch.Tensor, weight_shape: list[in
 def _(x, grad, weight_shape, stride, padding, dilation, groups, outer, inner, samples_per_block, with_bias=False):
     bias = weight_shape[0] if with_bias else 0
     return x.new_empty(x.shape[0] // (outer * inner), math.prod(weight_shape) + bias)
+
+
+def _both_positions(block: tuple[slice, ...]) -> tuple[slice, ...]:
+    """An index of a position-Gram view ``(B·G, F, *S, F, *S)`` taking ``block`` of the spatial
+    positions on both sides."""
+    return (slice(None),) * 2 + block + (slice(None),) + block
 
 
 def _groups_first(factor: torch.Tensor) -> torch.Tensor:

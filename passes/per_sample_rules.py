@@ -257,14 +257,10 @@ def convolution_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> Grad
     shape = tuple(int(s) for s in weight.shape)
     conv = Convolution(x, grad, shape, stride, padding, dilation, bool(transposed), output_padding,
                        int(groups), SampleDim(0, sd.outer, sd.inner), ctx.batch, shape)
-    # A weight used by this convolution only (not shared with another, whose uses would be
-    # combined as outer products instead) and a bias: the calls that materialize the weight's
-    # per-sample gradients give the bias's too.
-    weight_node = node.args[2]
-    weight_uses = [u for u in weight_node.users if u.target == aten.convolution_backward.default] \
-        if isinstance(weight_node, fx.Node) else []
+    # A bias, and a weight whose gradient is this convolution's alone: the calls that materialize
+    # the weight's per-sample gradients give the bias's too.
     output_mask = node.args[10] if len(node.args) > 10 else node.kwargs["output_mask"]
-    conv.with_bias = bool(output_mask[2]) and len(weight_uses) == 1 and conv.shares_bias_call
+    conv.with_bias = bool(output_mask[2]) and _gradient_from_one_convolution(node.args[2]) and conv.shares_bias_call
     if index == 2:
         if conv.with_bias:
             return Dense(conv.per_sample_bias(), note="per-sample gradients from the weight's per-sample calls")
@@ -275,6 +271,18 @@ def convolution_rule(ctx: RuleContext, node: fx.Node, index: int | None) -> Grad
         per_sample = split_samples(grad, sd, ctx.batch)  # (B, o·i, C_out, *S)
         return Dense(per_sample.sum([1, *range(3, per_sample.dim())]))
     return conv
+
+
+def _gradient_from_one_convolution(weight: Any) -> bool:
+    """A parameter used as it is by convolutions only, one of them differentiated: its per-sample
+    gradients are then that convolution's alone, materialized by the calls the bias can share. A
+    weight derived first, shared by two convolutions or used elsewhere too (a penalty) gets its
+    norms another way, and the bias its own plain sum."""
+    if not isinstance(weight, fx.Node) or weight.op != "placeholder":
+        return False
+    backward = [u for u in weight.users if u.target == aten.convolution_backward.default]
+    return len(backward) == 1 and all(
+        u.target in (aten.convolution.default, aten.convolution_backward.default) for u in weight.users)
 
 
 def conv_outer(conv: Convolution, im2col: bool = True) -> Outer:

@@ -140,6 +140,30 @@ def test_first_layer_per_sample_gradients_match_the_reference(layer):
     assert compiled.plans()["0.bias"].notes == ["per-sample gradients from the weight's per-sample calls"]
 
 
+class Penalized(nn.Module):
+    """A first layer whose weight also enters each output outside the convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).mean((2, 3))
+        return self.head(h) + 0.1 * self.conv.weight.pow(2).sum()
+
+
+def test_bias_keeps_its_own_sum_when_the_weight_is_used_elsewhere():
+    """The weight's gradient is not its convolution's alone: no window call is made for the bias
+    (it would compute per-sample weight gradients nobody uses), and everything stays exact."""
+    torch.manual_seed(5)
+    model = Penalized().to(D)
+    compiled = assert_matches_reference(model, torch.randn(5, 3, 6, 6, dtype=D))
+    graph = next(iter(compiled._compiled.values())).private.graph_module.graph
+    assert not [n for n in graph.nodes if n.target == torch.ops.dpcompile.conv_window_grads.default and n.args[-1]]
+    assert compiled.plans()["conv.bias"].notes == []
+
+
 @pytest.mark.parametrize("groups, frames", [(1, (1, 1)), (2, (2, 1)), (1, (1, 3))])
 def test_window_call_gives_per_sample_bias_gradients(groups, frames):
     """The window call with a row of ones: per-sample weight gradients unchanged, followed by
