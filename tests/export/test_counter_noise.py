@@ -51,6 +51,45 @@ def test_matches_integer_reference_on_random_words():
         assert out[k].tolist() == philox_reference(counters[k].tolist(), keys[k].tolist())
 
 
+def _wrapping_words(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random counters and keys, half of the counters' multiplied words above 2^31 so that their
+    products with Philox's multipliers pass 2^63 (the int64 multiplication wraps)."""
+    g = torch.Generator().manual_seed(1)
+    counters = torch.randint(0, 2**32, (n, 4), generator=g, dtype=torch.int64)
+    counters[::2, 0] = torch.randint(2**31, 2**32, (len(counters[::2]),), generator=g)
+    counters[1::2, 2] = MASK - torch.arange(len(counters[1::2]))
+    keys = torch.randint(0, 2**32, (n, 2), generator=g, dtype=torch.int64)
+    return counters, keys
+
+
+def _philox_words(counters: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    return torch.stack(philox4x32(tuple(counters.T), tuple(keys.T)), 1)
+
+
+def _assert_reference_words(out: torch.Tensor, counters: torch.Tensor, keys: torch.Tensor) -> None:
+    for k in range(len(out)):
+        assert out[k].tolist() == philox_reference(counters[k].tolist(), keys[k].tolist()), k
+
+
+def test_wrapping_products_give_the_reference_words_in_an_exported_program():
+    counters, keys = _wrapping_words(203)
+
+    class Words(torch.nn.Module):
+        def forward(self, counters, keys):
+            return _philox_words(counters, keys)
+
+    program = torch.export.export(Words(), (counters, keys))
+    _assert_reference_words(program.module()(counters, keys), counters, keys)
+
+
+@pytest.mark.inductor
+def test_wrapping_products_give_the_reference_words_through_inductor():
+    # 203 rows: Inductor's vectorized loop and its scalar tail both see wrapping products
+    counters, keys = _wrapping_words(203)
+    compiled = torch.compile(_philox_words, backend="inductor", fullgraph=True)
+    _assert_reference_words(compiled(counters, keys), counters, keys)
+
+
 def test_normals_are_a_function_of_seed_and_position():
     seed = torch.tensor(1234)
     a = standard_normal(seed, 1001)
