@@ -1,5 +1,6 @@
 """BoxedGraph: the compiled private backward's calling convention (one list, emptied by the call)
-frees each input at its last use inside the compiled code, not when the call returns."""
+frees each input at its last use inside the compiled code, not when the call returns.
+DirectGraph: the forward, compiled once per argument layout and called without Dynamo."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from passes.lower import BoxedGraph
+from passes.lower import BoxedGraph, DirectGraph
 
 _probe_target: list[weakref.ref[torch.Tensor]] = []
 _probe_saw_freed: list[bool] = []
@@ -61,3 +62,22 @@ def test_boxed_graph_compiles_again_for_a_new_layout() -> None:
         (out,) = graph([tensor, other])
         torch.testing.assert_close(out, big.sum() + other.sum())
     assert len(graph.compiled) == 2
+
+
+@pytest.mark.inductor
+def test_direct_graph_compiles_once_per_layout_and_records_no_history():
+    def f(weight: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = torch.relu(x @ weight.t())
+        return (h, h.sum(1))
+
+    weight = torch.randn(5, 3, requires_grad=True)
+    graph = make_fx(f, tracing_mode="fake")(weight.detach(), torch.randn(4, 3))
+    forward = DirectGraph(graph)
+    for rows in (4, 4, 7):
+        x = torch.randn(rows, 3)
+        out = forward(weight, x)
+        expected = f(weight.detach(), x)
+        for got, want in zip(out, expected):
+            torch.testing.assert_close(got, want)
+            assert not got.requires_grad  # the caller's own backward differentiates it
+    assert len(forward.compiled) == 2  # rows 4 (twice) and rows 7
