@@ -11,9 +11,10 @@ CPU noise of at least :data:`COUNTER_MIN_NUMEL` elements from the counter-based 
 :mod:`dpcompile.counter_noise` (Philox4x32-10 and Box-Muller, the algorithm of torch's CUDA
 generator), compiled by Inductor into one vectorized, multi-threaded kernel that also adds the
 noise to the clipped sums and divides by the expected batch size (1.1 ms for the same 670k, with
-the addition and division, called back to back; 1.6 ms inside a training step): its key is 63 bits drawn from torch's CPU generator at every draw (one
-draw per step), so runs stay reproducible from ``torch.manual_seed`` or the ``noise_generator``,
-and checkpoints that restore the generator restore the noise. Both samplers turn 24-bit uniforms
+the addition and division, called back to back; 1.6 ms inside a training step): its key is 63
+bits drawn from torch's CPU generator at every draw (one draw per step), so runs stay
+reproducible from ``torch.manual_seed`` or the ``noise_generator``, and checkpoints that restore
+the generator restore the noise. Both samplers turn 24-bit uniforms
 into float32 Box-Muller normals; float64 noise always comes from ``torch.randn`` (53-bit uniforms).
 
 ``secure_mode=True`` (dp_compile) changes the following:

@@ -15,26 +15,18 @@ from passes.partition import SplitGraphs, accepting_any_strides, donatable_saved
 Backend = Literal["inductor", "eager"]
 
 
-def lower(graph_module: fx.GraphModule, backend: Backend = "inductor", *,
-          keep_output_strides: bool = True) -> Callable[..., Any]:
+def lower(graph_module: fx.GraphModule, backend: Backend = "inductor") -> Callable[..., Any]:
     """A callable running ``graph_module``: compiled by Inductor, or the graph itself.
 
     Under Inductor, recurrence scans also compile their per-step cells (one kernel per step),
     embedding gradients on CPU run as an eager row sum and max-pooling gradients as the aten
     kernel (see passes/kernels.py).
-
-    ``keep_output_strides=False`` lets Inductor return outputs in the layout it computed them in
-    (for a forward whose saved values go to a backward that accepts any strides).
     """
     if backend == "eager":
         return graph_module
     if backend == "inductor":
-        graph_module = for_inductor(graph_module)
         # Shapes are static: one compiled graph per physical batch shape, never re-specialized.
-        options: dict[str, str | int | bool | Callable[..., Any]] | None = (
-            None if keep_output_strides else {"keep_output_stride": False}
-        )
-        return torch.compile(graph_module, backend="inductor", fullgraph=True, dynamic=False, options=options)
+        return torch.compile(for_inductor(graph_module), backend="inductor", fullgraph=True, dynamic=False)
     raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
 
 
@@ -173,7 +165,8 @@ class DirectGraph:
     A training step's forward is called once per physical batch with the same layouts; through
     ``torch.compile`` every call evaluated Dynamo's guards on every argument: 1.35 against 1.22 ms
     for the MLP's forward (8 arguments) at batch 256, and more for models with more parameters.
-    ``keep_output_strides=False`` as in :func:`lower`.
+    ``keep_output_strides=False`` lets Inductor return outputs in the layout it computed them in
+    (for a forward whose saved values go to a backward that accepts any strides).
     """
 
     def __init__(self, graph_module: fx.GraphModule, keep_output_strides: bool = True) -> None:
