@@ -11,6 +11,7 @@ import torch.fx as fx
 
 from passes.kernels import for_inductor
 from passes.partition import SplitGraphs, accepting_any_strides, donatable_saved
+from passes.saved_values import channels_last_masks_and_shapes
 
 Backend = Literal["inductor", "eager"]
 
@@ -204,6 +205,9 @@ def lower_split(graphs: SplitGraphs, backend: Backend = "inductor") -> tuple[Cal
     """
     convolves = any(n.target is torch.ops.aten.convolution.default for n in graphs.forward.graph.nodes)
     any_strides = accepting_any_strides(graphs.backward) if backend == "inductor" and convolves else None
+    if any_strides is not None:
+        graphs = channels_last_masks_and_shapes(graphs)
+        any_strides = accepting_any_strides(graphs.backward)
     relaid = any_strides is not None
     forward = DirectGraph(graphs.forward, keep_output_strides=not relaid) if backend == "inductor" \
         else lower(graphs.forward, backend)

@@ -12,7 +12,8 @@ uses): cheap pointwise values are recomputed in the backward instead of saved. M
 784-512-512-10 MLP at batch 256 (2 CPU cores): saving every forward value the backward reads made
 the compiled forward 2.9 ms and the backward 3.3 ms (Inductor's kernel for the saved ReLU masks,
 a boolean store, alone took 0.5 ms); the min-cut split makes them 1.8 ms and 2.7 ms.
-:func:`split_saving_all` is the plain cut, kept as a fallback.
+:func:`split_saving_all` is the plain cut, kept as a fallback. :mod:`passes.saved_values` then
+shrinks what the forward saves: shapes instead of tensors, byte masks instead of activations.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ import torch
 import torch.fx as fx
 
 from passes.rewrite import PrivateGraph
+from passes.saved_values import (
+    COMPARISONS,
+    same_values_base,
+    saved_masks_as_bytes,
+    shape_only_reads,
+)
 
 
 @dataclass
@@ -36,31 +43,13 @@ class SplitGraphs:
 
 
 def split(private: PrivateGraph) -> SplitGraphs:
-    """Cut the private graph at the seeds, recomputing cheap forward values in the backward."""
+    """Cut the private graph at the seeds, recomputing cheap forward values in the backward and
+    saving no more of the rest than the backward reads (see :mod:`passes.saved_values`)."""
     try:
         graphs = split_min_cut(private)
     except Exception:  # the partitioner is a private torch API: never fail a compile on it
         graphs = split_saving_all(private)
-    return recompute_saved_masks(graphs)
-
-
-_COMPARISONS = {
-    torch.ops.aten.le.Scalar, torch.ops.aten.lt.Scalar, torch.ops.aten.ge.Scalar,
-    torch.ops.aten.gt.Scalar, torch.ops.aten.eq.Scalar, torch.ops.aten.ne.Scalar,
-}
-
-
-_SAME_VALUES = {
-    torch.ops.aten.alias.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default,
-    torch.ops.aten.reshape.default, torch.ops.aten.detach.default,
-}
-
-
-def _reshaped_base(node: fx.Node) -> fx.Node:
-    """The node whose values ``node`` holds in the same (row-major) order, through views."""
-    while node.op == "call_function" and node.target in _SAME_VALUES and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
+    return saved_masks_as_bytes(shape_only_reads(recompute_saved_masks(graphs)))
 
 
 def recompute_saved_masks(graphs: SplitGraphs) -> SplitGraphs:
@@ -77,11 +66,11 @@ def recompute_saved_masks(graphs: SplitGraphs) -> SplitGraphs:
     results = list(output.args[0])
     saved = results[graphs.num_outputs :]
     # Saved values by the node they reshape (a compared value is often a view of a saved one).
-    position = {_reshaped_base(node): k for k, node in enumerate(saved) if isinstance(node, fx.Node)}
+    position = {same_values_base(node): k for k, node in enumerate(saved) if isinstance(node, fx.Node)}
     masks = {
-        k: position[_reshaped_base(node.args[0])] for k, node in enumerate(saved)
-        if isinstance(node, fx.Node) and node.op == "call_function" and node.target in _COMPARISONS
-        and not node.kwargs and isinstance(node.args[0], fx.Node) and _reshaped_base(node.args[0]) in position
+        k: position[same_values_base(node.args[0])] for k, node in enumerate(saved)
+        if isinstance(node, fx.Node) and node.op == "call_function" and node.target in COMPARISONS
+        and not node.kwargs and isinstance(node.args[0], fx.Node) and same_values_base(node.args[0]) in position
         and not any(isinstance(a, fx.Node) for a in node.args[1:])
     }
     masks = {k: j for k, j in masks.items() if j not in masks}

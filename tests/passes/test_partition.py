@@ -101,8 +101,8 @@ def test_donatable_saved_values_are_the_forwards_own_intermediates():
     results = _outputs(graphs.forward)
     saved = results[graphs.num_outputs :]
     donated = donatable_saved(graphs)
-    assert donated  # the conv activations
-    assert [saved[k].name for k in donated] == ["relu", "avg_pool2d", "view"]
+    assert donated  # the first ReLU's mask and the conv activations
+    assert [saved[k].name for k in donated] == ["relu_keep", "avg_pool2d", "view"]
     # not donated: the second conv's weight, the linear weight transposed back (a view of a
     # parameter) and the input viewed as one image of 15 channels (for the grouped backward)
     kept = [saved[k].name for k in range(len(saved)) if k not in donated]
@@ -128,8 +128,9 @@ def test_compiled_backward_writes_only_into_donated_saved_values():
     gradients do), never the parameters or the batch, and computes the eager backward's values."""
     torch.manual_seed(0)
     # first layer with windows (2·9) narrower than its 24 output channels: per-sample gradients
-    # from unfolded windows, so its output gradient stays channels-last like the saved ReLU output
-    model = nn.Sequential(nn.Conv2d(2, 24, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+    # from unfolded windows, so its output gradient stays channels-last like the saved tanh output
+    # (a tanh: a ReLU before a pool saves a byte mask, which no float gradient can be written into)
+    model = nn.Sequential(nn.Conv2d(2, 24, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2),
                           nn.Conv2d(24, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)).to(D)
     cap = capture(model, [torch.randn(5, 2, 8, 8, dtype=D)])
     graphs = split(private_backward(cap, analyze(cap)))
