@@ -193,7 +193,8 @@ def lower_split(graphs: SplitGraphs, backend: Backend = "inductor") -> tuple[Cal
 
     Inductor computes a convolution net's forward channels-last on CPU. When the backward
     accepts saved values of any strides, the forward hands them over in that layout instead of
-    copying each back (and the backward's kernels run channels-last too). The flag says the
+    copying each back (and the backward's kernels run channels-last too; saved byte masks are
+    stored, and unfilled shape tensors laid out, that way as well). The flag says the
     forward's outputs may come back in such a layout: the caller restores model outputs.
     Without convolutions Inductor keeps the traced layouts, and both graphs stay as they are.
 
