@@ -57,6 +57,7 @@ SAME_VALUES = {
     aten.detach.default,
 }
 
+
 def shape_only_reads(graphs: SplitGraphs) -> SplitGraphs:
     """The same split, with backward ops that read only the shape of a saved value reading an
     unfilled tensor of that shape, so that the value is no longer needed for them."""
