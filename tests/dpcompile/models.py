@@ -27,6 +27,22 @@ class CNN(nn.Module):
         return self.head(F.relu(self.norm(self.conv(x))).flatten(1))
 
 
+class PooledCNN(nn.Module):
+    """ReLUs read only through pools: the forward saves their masks as bytes (passes.saved_values)."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1),
+            nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
 class SeqLinearNorm(nn.Module):
     def __init__(self, classes=3):
         super().__init__()
@@ -110,6 +126,8 @@ def dataset_for(name: str, n: int = 40, seed: int = 0):
         x = torch.randn(n, 6, generator=g)
     elif name == "cnn":
         x = torch.randn(n, 1, 6, 6, generator=g)
+    elif name == "pooled_cnn":
+        x = torch.randn(n, 1, 8, 8, generator=g)
     elif name in ("seq", "transformer"):
         x = torch.randn(n, 4, 5, generator=g)
     else:
@@ -122,7 +140,7 @@ def dataset_for(name: str, n: int = 40, seed: int = 0):
 def model_for(name: str) -> nn.Module:
     torch.manual_seed(0)
     model = {
-        "mlp": MLP, "cnn": CNN, "seq": SeqLinearNorm, "embedding": TextEmbedding,
+        "mlp": MLP, "cnn": CNN, "pooled_cnn": PooledCNN, "seq": SeqLinearNorm, "embedding": TextEmbedding,
         "transformer": Transformer, "lstm": LSTMClassifier, "raw": RawParameter, "tied": Tied,
         "twice": Twice, "frozen": MLP,
     }[name]()

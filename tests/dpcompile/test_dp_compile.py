@@ -12,7 +12,7 @@ from tests.dpcompile.models import dataset_for, model_for
 from tests.reference import clipped_reference
 
 D = torch.float64
-MODELS = ["mlp", "cnn", "seq", "embedding", "transformer", "lstm", "raw", "tied", "twice", "frozen"]
+MODELS = ["mlp", "cnn", "pooled_cnn", "seq", "embedding", "transformer", "lstm", "raw", "tied", "twice", "frozen"]
 
 
 def ce(out, y):
@@ -169,9 +169,10 @@ def test_compiled_graph_count_stays_bounded_over_an_epoch():
 
 
 @pytest.mark.inductor
-def test_inductor_backend_matches_eager():
-    a = one_step("cnn", backend="eager")
-    b = one_step("cnn", backend="inductor")
+@pytest.mark.parametrize("name", ["cnn", "pooled_cnn"])
+def test_inductor_backend_matches_eager(name):
+    a = one_step(name, backend="eager")
+    b = one_step(name, backend="inductor")
     for n in a[1]:
         torch.testing.assert_close(b[1][n], a[1][n], rtol=1e-6, atol=1e-9)
 
