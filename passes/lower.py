@@ -207,8 +207,9 @@ def lower_split(graphs: SplitGraphs, backend: Backend = "inductor") -> tuple[Cal
     convolves = any(n.target is torch.ops.aten.convolution.default for n in graphs.forward.graph.nodes)
     any_strides = accepting_any_strides(graphs.backward) if backend == "inductor" and convolves else None
     if any_strides is not None:
-        graphs = channels_last_masks_and_shapes(graphs)
-        any_strides = accepting_any_strides(graphs.backward)
+        relaid_graphs = channels_last_masks_and_shapes(graphs)
+        if relaid_graphs is not graphs:
+            graphs, any_strides = relaid_graphs, accepting_any_strides(relaid_graphs.backward)
     relaid = any_strides is not None
     forward = DirectGraph(graphs.forward, keep_output_strides=not relaid) if backend == "inductor" \
         else lower(graphs.forward, backend)

@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 
 aten = torch.ops.aten
 
-UNFILLED = "dpcompile_unfilled"  # node meta key: an empty tensor that only lends its shape
+# Node meta keys for what these passes add (channels_last_masks_and_shapes relays them).
+UNFILLED = "dpcompile_unfilled"  # an empty tensor that only lends its shape
+BYTE_MASK = "dpcompile_byte_mask"  # a saved mask, one byte per value
 
 # Op -> position of an argument whose shape, dtype and device the op reads, but not its values.
 SHAPE_ONLY_ARGUMENT: dict[Any, int] = {
@@ -75,9 +77,9 @@ def shape_only_reads(graphs: SplitGraphs) -> SplitGraphs:
         if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
             continue
         with backward.graph.inserting_before(node):
-            unfilled = _call(backward.graph, aten.empty_strided.default, (list(value.shape), list(value.stride())),
-                             {"dtype": value.dtype, "device": value.device}, value)
-        unfilled.meta[UNFILLED] = True
+            unfilled = backward.graph.call_function(aten.empty_strided.default, (list(value.shape), list(value.stride())),
+                                                    {"dtype": value.dtype, "device": value.device})
+        unfilled.meta.update({"val": _fake_strided(value, value.stride(), value.dtype), UNFILLED: True})
         node.update_arg(position, unfilled)
         changed = True
     if not changed:
@@ -95,7 +97,7 @@ def saved_masks_as_bytes(graphs: SplitGraphs) -> SplitGraphs:
     output = forward.graph.output_node()
     results = _results(output)
     inputs = [n for n in backward.graph.nodes if n.op == "placeholder"][: graphs.num_saved]
-    changed = False
+    replaced = []
     for k, placeholder in enumerate(inputs):
         found = _mask_reads(placeholder)
         if found is None or not isinstance(results[graphs.num_outputs + k], fx.Node):
@@ -106,19 +108,21 @@ def saved_masks_as_bytes(graphs: SplitGraphs) -> SplitGraphs:
             results[graphs.num_outputs + k] = _byte_mask(forward.graph, stored, condition, zero_when_true)
         with backward.graph.inserting_before(placeholder):
             keep = backward.graph.placeholder(f"{placeholder.name}_keep")
-        keep.meta["val"] = _fake_like(placeholder.meta["val"], results[graphs.num_outputs + k].meta["val"])
+        mask = results[graphs.num_outputs + k].meta["val"]
+        keep.meta["val"] = _fake_strided(placeholder.meta["val"], mask.stride(), mask.dtype)
         for where in wheres:
             zero, gradient = (where.args[1], where.args[2]) if zero_when_true else (where.args[2], where.args[1])
             assert isinstance(zero, fx.Node) and isinstance(gradient, fx.Node)  # as _mask_reads checked
             with backward.graph.inserting_before(where):
                 masked = _masked(backward.graph, gradient, keep, zero)
             where.replace_all_uses_with(masked)
-        backward.graph.eliminate_dead_code()
+        replaced.append(placeholder)
+    if not replaced:
+        return graphs
+    backward.graph.eliminate_dead_code()
+    for placeholder in replaced:
         assert not placeholder.users, "a mask's source is still read"  # _mask_reads checked every reader
         backward.graph.erase_node(placeholder)
-        changed = True
-    if not changed:
-        return graphs
     output.args = (tuple(results),)
     forward.graph.eliminate_dead_code()
     forward.recompile()
@@ -213,7 +217,9 @@ def _byte_mask(graph: fx.Graph, stored: fx.Node, condition: fx.Node, zero_when_t
     kept, dropped = (0, 1) if zero_when_true else (1, 0)
     # Inductor's CPU kernels store a select of integers fast and a boolean cast slowly.
     choice = _call(graph, aten.where.Scalar, (value, kept, dropped))
-    return _call(graph, aten._to_copy.default, (choice,), {"dtype": torch.uint8}, name=f"{stored.name}_keep")
+    mask = _call(graph, aten._to_copy.default, (choice,), {"dtype": torch.uint8}, name=f"{stored.name}_keep")
+    mask.meta[BYTE_MASK] = True
+    return mask
 
 
 def _masked(graph: fx.Graph, gradient: fx.Node, keep: fx.Node, zero: fx.Node) -> fx.Node:
@@ -225,22 +231,21 @@ def _masked(graph: fx.Graph, gradient: fx.Node, keep: fx.Node, zero: fx.Node) ->
 
 
 def _call(graph: fx.Graph, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None,
-          like: torch.Tensor | None = None, name: str | None = None) -> fx.Node:
-    """A new node with its fake value (computed in the fake mode of its inputs, or of ``like``)."""
+          name: str | None = None) -> fx.Node:
+    """A new node with its fake value, computed in the fake mode of its first input."""
     kwargs = kwargs or {}
     node = graph.create_node("call_function", target, args, kwargs, name=name)
-    values = [a.meta["val"] for a in args if isinstance(a, fx.Node)]
-    mode = (values[0] if values else like).fake_mode  # type: ignore[union-attr]
+    mode = next(a.meta["val"] for a in args if isinstance(a, fx.Node)).fake_mode
     fake = torch.fx.node.map_arg(args, lambda n: n.meta["val"]), torch.fx.node.map_arg(kwargs, lambda n: n.meta["val"])
     with mode:
         node.meta["val"] = target(*fake[0], **fake[1])
     return node
 
 
-def _fake_like(reference: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """A fake tensor of ``value``'s shape, strides and dtype in ``reference``'s fake mode."""
+def _fake_strided(reference: torch.Tensor, stride: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A fake tensor of ``reference``'s shape and device, in its fake mode, with these strides and dtype."""
     with reference.fake_mode:  # type: ignore[attr-defined]
-        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+        return torch.empty_strided(reference.shape, stride, dtype=dtype, device=reference.device)
 
 
 def channels_last_masks_and_shapes(graphs: SplitGraphs) -> SplitGraphs:
@@ -253,14 +258,17 @@ def channels_last_masks_and_shapes(graphs: SplitGraphs) -> SplitGraphs:
     first layer's ReLU backward, against 2 ms channels-last). A pooling backward's result takes
     the layout of the tensor it reads the shape of, and then could not be written in place of a
     channels-last saved activation."""
+    saved = _results(graphs.forward.graph.output_node())[graphs.num_outputs :]
+    if not (any(_spatial(n, BYTE_MASK) for n in saved) or any(_spatial(n, UNFILLED) for n in graphs.backward.graph.nodes)):
+        return graphs
     forward, backward = copy.deepcopy(graphs.forward), copy.deepcopy(graphs.backward)
     output = forward.graph.output_node()
     results = _results(output)
     for k in range(graphs.num_outputs, len(results)):
         mask = results[k]
-        value = mask.meta.get("val") if isinstance(mask, fx.Node) else None
-        if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() not in (4, 5):
+        if not _spatial(mask, BYTE_MASK):
             continue
+        value = mask.meta["val"]
         last = [0, *range(2, value.dim()), 1]
         back = [0, value.dim() - 1, *range(1, value.dim() - 1)]
         with forward.graph.inserting_before(output):
@@ -269,13 +277,17 @@ def channels_last_masks_and_shapes(graphs: SplitGraphs) -> SplitGraphs:
             results[k] = _call(forward.graph, aten.permute.default, (filled, back))
     output.args = (tuple(results),)
     for node in backward.graph.nodes:
-        value = node.meta.get("val")
-        if node.meta.get(UNFILLED) and value.dim() in (4, 5):
+        if _spatial(node, UNFILLED):
+            value = node.meta["val"]
             layout = torch.channels_last if value.dim() == 4 else torch.channels_last_3d
             strides = list(torch.empty(value.shape, device="meta").contiguous(memory_format=layout).stride())
             node.args = (node.args[0], strides)
-            with value.fake_mode:
-                node.meta["val"] = torch.empty_strided(value.shape, strides, dtype=value.dtype, device=value.device)
+            node.meta["val"] = _fake_strided(value, strides, value.dtype)
     forward.recompile()
     backward.recompile()
     return dataclasses.replace(graphs, forward=forward, backward=backward)
+
+
+def _spatial(node: Any, key: str) -> bool:
+    """``node`` was added by these passes (its meta has ``key``) and has 4 or 5 dimensions."""
+    return isinstance(node, fx.Node) and bool(node.meta.get(key)) and node.meta["val"].dim() in (4, 5)

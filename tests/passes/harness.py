@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from passes import PerSampleGradients
+from passes.rewrite import example_private_inputs
 from tests.reference import clipped_reference
 
 
@@ -68,3 +69,18 @@ def assert_matches_reference(
             continue
         torch.testing.assert_close(got, expected.to(got.dtype), rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
     return compiled
+
+
+def forward_and_backward_inputs(cap) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A capture's example private inputs, split into the forward graph's and the backward
+    graph's (seeds, mask, clipping bound: what follows the saved values)."""
+    inputs = example_private_inputs(cap)
+    num_forward = cap.num_params + len(cap.buffers) + cap.num_batch
+    return inputs[:num_forward], inputs[num_forward:]
+
+
+def saved_and_backward_inputs(cap, graphs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Run a split's forward graph on the capture's example inputs: (saved values, backward's other inputs)."""
+    forward_inputs, rest = forward_and_backward_inputs(cap)
+    results = graphs.forward(*forward_inputs)
+    return list(results[graphs.num_outputs :]), rest

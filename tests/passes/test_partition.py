@@ -15,7 +15,7 @@ from passes.partition import (
     split,
     split_min_cut,
 )
-from passes.rewrite import example_private_inputs
+from tests.passes.harness import saved_and_backward_inputs
 
 D = torch.float64
 
@@ -26,15 +26,7 @@ def _split_cnn():
                           nn.Conv2d(6, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)).to(D)
     cap = capture(model, [torch.randn(5, 3, 8, 8, dtype=D)])
     graphs = split(private_backward(cap, analyze(cap)))
-    return (graphs, *_saved_and_backward_inputs(cap, graphs))
-
-
-def _saved_and_backward_inputs(cap, graphs):
-    """Run the forward graph on the capture's example inputs: (saved values, backward's other inputs)."""
-    inputs = example_private_inputs(cap)
-    num_forward = cap.num_params + len(cap.buffers) + cap.num_batch
-    results = graphs.forward(*inputs[:num_forward])
-    return list(results[graphs.num_outputs :]), inputs[num_forward:]
+    return (graphs, *saved_and_backward_inputs(cap, graphs))
 
 
 def test_backward_accepting_any_strides_gives_the_same_values():
@@ -75,7 +67,7 @@ def test_relu_masks_are_recomputed_in_the_backward_not_saved():
     assert recomputed.num_saved == len(kept) < plain.num_saved
     results = []
     for graphs in (plain, recomputed):
-        saved, rest = _saved_and_backward_inputs(cap, graphs)
+        saved, rest = saved_and_backward_inputs(cap, graphs)
         results.append(graphs.backward(*saved, *rest))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -134,7 +126,7 @@ def test_compiled_backward_writes_only_into_donated_saved_values():
                           nn.Conv2d(24, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)).to(D)
     cap = capture(model, [torch.randn(5, 2, 8, 8, dtype=D)])
     graphs = split(private_backward(cap, analyze(cap)))
-    _, rest = _saved_and_backward_inputs(cap, graphs)
+    _, rest = saved_and_backward_inputs(cap, graphs)
     forward, backward, _ = lower_split(graphs, "inductor")
     cap_inputs = [n for n in graphs.forward.graph.nodes if n.op == "placeholder"]
     torch.manual_seed(0)

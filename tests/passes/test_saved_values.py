@@ -14,12 +14,12 @@ from passes.partition import (
     split,
     split_min_cut,
 )
-from passes.rewrite import example_private_inputs
 from passes.saved_values import (
     channels_last_masks_and_shapes,
     saved_masks_as_bytes,
     shape_only_reads,
 )
+from tests.passes.harness import forward_and_backward_inputs, saved_and_backward_inputs
 
 D = torch.float64
 aten = torch.ops.aten
@@ -30,10 +30,8 @@ def _saved(graphs: SplitGraphs) -> list[fx.Node]:
 
 
 def _run(cap, graphs: SplitGraphs) -> list[torch.Tensor]:
-    inputs = example_private_inputs(cap)
-    num_forward = cap.num_params + len(cap.buffers) + cap.num_batch
-    results = graphs.forward(*inputs[:num_forward])
-    return graphs.backward(*results[graphs.num_outputs :], *inputs[num_forward:])
+    saved, rest = saved_and_backward_inputs(cap, graphs)
+    return graphs.backward(*saved, *rest)
 
 
 def _private(model: nn.Module, x: torch.Tensor):
@@ -141,16 +139,24 @@ def test_channels_last_masks_and_shapes_keeps_values_and_stores_them_channels_la
     cap, private = _private(model, torch.randn(5, 3, 4, 4))
     graphs = split(private)
     relaid = channels_last_masks_and_shapes(graphs)
-    inputs = example_private_inputs(cap)
-    num_forward = cap.num_params + len(cap.buffers) + cap.num_batch
-    plain, permuted = graphs.forward(*inputs[:num_forward]), relaid.forward(*inputs[:num_forward])
+    forward_inputs, rest = forward_and_backward_inputs(cap)
+    plain, permuted = graphs.forward(*forward_inputs), relaid.forward(*forward_inputs)
     masks = [(a, b) for a, b in zip(plain, permuted) if a.dtype == torch.uint8]
     assert masks
     for a, b in masks:
         assert torch.equal(a, b) and b.is_contiguous(memory_format=torch.channels_last)
     any_strides = accepting_any_strides(relaid.backward)  # as lower_split runs it
-    got = any_strides(*permuted[relaid.num_outputs :], *inputs[num_forward:])
+    got = any_strides(*permuted[relaid.num_outputs :], *rest)
     for a, b in zip(_run(cap, graphs), got):
         assert torch.equal(a, b)
     unfilled = [n for n in relaid.backward.graph.nodes if n.target is aten.empty_strided.default]
     assert unfilled and all(n.meta["val"].is_contiguous(memory_format=torch.channels_last) for n in unfilled)
+
+
+def test_channels_last_leaves_a_split_without_masks_or_shapes_alone():
+    """A saved uint8 image batch is the model's, not a mask of these passes: not copied."""
+    images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    forward = make_fx(lambda x: (x.double().sum(), aten.alias.default(x)), tracing_mode="fake")(images)
+    backward = make_fx(lambda x, g: x.double() * g, tracing_mode="fake")(images, torch.zeros(2, 3, 4, 4, dtype=D))
+    graphs = SplitGraphs(forward, backward, num_outputs=1, num_saved=1)
+    assert channels_last_masks_and_shapes(graphs) is graphs
