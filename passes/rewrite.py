@@ -51,6 +51,20 @@ _IDENTITY_OPS = {aten.alias.default, aten.clone.default, aten.contiguous.default
 _TRANSPOSE_OPS = {aten.t.default, aten.transpose.int, aten.permute.default}
 
 
+# Ops linear in their one backward-signal operand when the others are fixed (see
+# ``Rewrite._linear_signal``): in either factor of a product, in the first operand of quotients
+# and threshold masks (matrix products: in a factor whose samples are not summed over).
+_LINEAR_IN_ANY = {aten.mul.Tensor}
+_LINEAR_IN_FIRST = {aten.neg.default, aten.div.Tensor, aten.threshold_backward.default}
+
+
+def _is_zero(value: Any) -> bool:
+    """Whether a graph argument is the constant 0 (a Python number or a zero-filled scalar)."""
+    if isinstance(value, fx.Node) and value.target in (aten.scalar_tensor.default, aten.full.default):
+        value = value.args[0] if value.target is aten.scalar_tensor.default else value.args[1]
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
 @dataclass
 class PrivateGraph:
     """The rewritten graph and what was decided while building it."""
@@ -134,6 +148,9 @@ class _Rewriter:
         self.nonfinite = nonfinite
         self.graph = capture.graph_module.graph
         self.region = gradient_region(analysis)
+        # Backward signals: computed from the seeds, before any sum over samples.
+        self.signals = _computed_from(capture.seed_placeholders()) - self.region
+        self._scaled_memo: dict[tuple[fx.Node, int], Any] = {}  # (signal, clip factors) -> scaled
         self.output_node = next(n for n in self.graph.nodes if n.op == "output")
         outputs = list(self.output_node.args[0])
         self.num_leaves = len(capture.output_is_differentiable)
@@ -248,7 +265,21 @@ class _Rewriter:
         operands = [a for a in node.args[:2] if isinstance(self.analysis.of(a), SampleDim)]
         if len(operands) < 2:
             return carrier
+        for operand in operands:
+            # A backward signal recomputable from a smaller one: scaling it frees it (below).
+            if operand in self.signals and self._smallest_upstream(self._view_source(operand))[0] > 0:
+                return operand
         return min(operands, key=lambda a: a.meta["val"].numel())
+
+    def _view_source(self, operand: fx.Node) -> fx.Node:
+        """``operand`` with the views, aliases and transposes that lead to it taken off."""
+        while (
+            operand.target in _VIEW_OPS | _IDENTITY_OPS | _TRANSPOSE_OPS
+            and isinstance(operand.args[0], fx.Node)
+            and isinstance(self.analysis.of(operand.args[0]), SampleDim)
+        ):
+            operand = operand.args[0]
+        return operand
 
     def _scaled_operand(self, operand: fx.Node, env: dict[fx.Node, Any], weights: torch.Tensor) -> dict[fx.Node, Any]:
         """Scale ``operand`` where it is still in its producer's layout, then redo the views.
@@ -264,15 +295,79 @@ class _Rewriter:
         ):
             chain.append(chain[-1].args[0])
         source = chain[-1]
-        sd = self.analysis.of(source)
-        assert isinstance(sd, SampleDim)
-        replace: dict[fx.Node, Any] = {source: scale_samples(env[source], sd, weights)}
+        replace: dict[fx.Node, Any] = {source: self._scaled_signal(source, env, weights)}
         for view in reversed(chain[:-1]):
             replace[view] = _call(view, env, replace)
         return replace
 
+    def _scaled_signal(self, node: fx.Node, env: dict[fx.Node, Any], weights: torch.Tensor) -> Any:
+        """``node``'s value with each sample scaled by the clip factors.
+
+        When ``node`` is linear, per sample, in a backward signal at most half its size (an FFN's
+        hidden gradient ``where(h > 0, g @ W, 0)`` from its output gradient ``g``), the smaller
+        signal is scaled and ``node`` recomputed from it: the clipped sums then hold ``g`` instead
+        of ``node`` until the clip factors exist.
+        """
+        key = (node, id(weights))
+        if key in self._scaled_memo:
+            return self._scaled_memo[key]
+        best, chain = self._smallest_upstream(node)
+        sd = self.analysis.of(chain[best])
+        assert isinstance(sd, SampleDim)
+        value = scale_samples(env[chain[best]], sd, weights)
+        for k in range(best - 1, -1, -1):
+            value = _call(chain[k], env, {chain[k + 1]: value})
+        self._scaled_memo[key] = value
+        return value
+
+    def _smallest_upstream(self, node: fx.Node) -> tuple[int, list[fx.Node]]:
+        """The signals ``node`` is linear in, one after the other (``node`` first), and the
+        position of the one to scale: the smallest, if at most half ``node``'s size, else 0."""
+        chain = [node]
+        # Through at most one matrix product: each costs a product of the backward again.
+        while (upstream := self._linear_signal(chain[-1])) is not None:
+            chain.append(upstream)
+            if chain[-2].target in (aten.mm.default, aten.bmm.default):
+                break
+        numel = [n.meta["val"].numel() for n in chain]
+        best = min(range(len(chain)), key=lambda k: (numel[k], k))
+        return (best if 2 * numel[best] <= numel[0] else 0), chain
+
+    def _linear_signal(self, node: fx.Node) -> fx.Node | None:
+        """The one backward signal ``node`` is linear in, sample by sample (its other inputs
+        fixed: weights, forward values, masks), or None."""
+        if node.op != "call_function":
+            return None
+        signals = [a for a in node.all_input_nodes if a in self.signals]
+        if len(signals) != 1 or not isinstance(self.analysis.of(signals[0]), SampleDim):
+            return None
+        (signal,) = signals
+        uses: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda a: uses.append(a) if a is signal else None)
+        if len(uses) != 1:  # a product of the signal with itself is not linear in it
+            return None
+        target = node.target
+        if target in _VIEW_OPS | _IDENTITY_OPS | _TRANSPOSE_OPS:
+            return signal if node.args[0] is signal else None
+        if target in (aten.mm.default, aten.bmm.default):
+            # Scaling commutes with a product unless the signal's samples are summed over.
+            first = node.args[0] is signal
+            batched = target is aten.bmm.default
+            free = (1 if first else 2) if batched else (0 if first else 1)
+            dim = self.analysis.of(signal).dim  # type: ignore[union-attr]
+            return signal if dim == free or (batched and dim == 0) else None
+        if target in _LINEAR_IN_ANY:
+            return signal
+        if target in _LINEAR_IN_FIRST and node.args[0] is signal:
+            return signal
+        if target is aten.where.self and node.args[0] is not signal:
+            other = node.args[2] if node.args[1] is signal else node.args[1]
+            return signal if _is_zero(other) else None
+        return None
+
     # ---- the whole step ---------------------------------------------------------------
     def __call__(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._scaled_memo.clear()
         placeholders = self.capture.placeholders()
         env: dict[fx.Node, Any] = dict(zip(placeholders, flat[: len(placeholders)]))
         mask, max_grad_norm = flat[len(placeholders)], flat[len(placeholders) + 1]
