@@ -267,26 +267,12 @@ class _Rewriter:
             return carrier
         for operand in operands:
             # A backward signal recomputable from a smaller one: scaling it frees it (below).
-            if operand in self.signals and self._smallest_upstream(self._view_source(operand))[0] > 0:
+            if operand in self.signals and self._smallest_upstream(self._views_of(operand)[-1])[0] > 0:
                 return operand
         return min(operands, key=lambda a: a.meta["val"].numel())
 
-    def _view_source(self, operand: fx.Node) -> fx.Node:
-        """``operand`` with the views, aliases and transposes that lead to it taken off."""
-        while (
-            operand.target in _VIEW_OPS | _IDENTITY_OPS | _TRANSPOSE_OPS
-            and isinstance(operand.args[0], fx.Node)
-            and isinstance(self.analysis.of(operand.args[0]), SampleDim)
-        ):
-            operand = operand.args[0]
-        return operand
-
-    def _scaled_operand(self, operand: fx.Node, env: dict[fx.Node, Any], weights: torch.Tensor) -> dict[fx.Node, Any]:
-        """Scale ``operand`` where it is still in its producer's layout, then redo the views.
-
-        Scaling a transposed view (``mm(gᵀ, a)``) would make Inductor materialize the transpose
-        with strided reads; scaling before the chain of views keeps the pass contiguous.
-        """
+    def _views_of(self, operand: fx.Node) -> list[fx.Node]:
+        """``operand``, then the values it is a view, alias or transpose of, back to the source."""
         chain = [operand]
         while (
             chain[-1].target in _VIEW_OPS | _IDENTITY_OPS | _TRANSPOSE_OPS
@@ -294,6 +280,15 @@ class _Rewriter:
             and isinstance(self.analysis.of(chain[-1].args[0]), SampleDim)
         ):
             chain.append(chain[-1].args[0])
+        return chain
+
+    def _scaled_operand(self, operand: fx.Node, env: dict[fx.Node, Any], weights: torch.Tensor) -> dict[fx.Node, Any]:
+        """Scale ``operand`` where it is still in its producer's layout, then redo the views.
+
+        Scaling a transposed view (``mm(gᵀ, a)``) would make Inductor materialize the transpose
+        with strided reads; scaling before the chain of views keeps the pass contiguous.
+        """
+        chain = self._views_of(operand)
         source = chain[-1]
         replace: dict[fx.Node, Any] = {source: self._scaled_signal(source, env, weights)}
         for view in reversed(chain[:-1]):
