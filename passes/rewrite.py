@@ -34,6 +34,7 @@ from passes.grad_forms import Dense, GradForm, NormPlan, combine_sq_norms, fallb
 from passes.per_sample_rules import RuleContext, chain_form, per_sample_form, vmap_node
 from passes.sample_dims import Analysis, SampleDim
 from passes.samples import scale_samples, zero_samples
+from passes.saved_values import is_zero_scalar
 from passes.simplify import merge_duplicates
 
 aten = torch.ops.aten
@@ -51,18 +52,15 @@ _IDENTITY_OPS = {aten.alias.default, aten.clone.default, aten.contiguous.default
 _TRANSPOSE_OPS = {aten.t.default, aten.transpose.int, aten.permute.default}
 
 
-# Ops linear in their one backward-signal operand when the others are fixed (see
-# ``Rewrite._linear_signal``): in either factor of a product, in the first operand of quotients
-# and threshold masks (matrix products: in a factor whose samples are not summed over).
-_LINEAR_IN_ANY = {aten.mul.Tensor}
-_LINEAR_IN_FIRST = {aten.neg.default, aten.div.Tensor, aten.threshold_backward.default}
-
-
-def _is_zero(value: Any) -> bool:
-    """Whether a graph argument is the constant 0 (a Python number or a zero-filled scalar)."""
-    if isinstance(value, fx.Node) and value.target in (aten.scalar_tensor.default, aten.full.default):
-        value = value.args[0] if value.target is aten.scalar_tensor.default else value.args[1]
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+# Ops linear, sample by sample, in the operand at these positions when their other operands are
+# fixed (see ``_Rewriter._linear_signal``): a select only when its other branch is zero, a matrix
+# product only when the operand's samples are not summed over.
+_LINEAR_OPERANDS: dict[Any, tuple[int, ...]] = {
+    **{op: (0,) for op in _VIEW_OPS | _IDENTITY_OPS | _TRANSPOSE_OPS},
+    aten.mul.Tensor: (0, 1), aten.neg.default: (0,), aten.div.Tensor: (0,),
+    aten.threshold_backward.default: (0,), aten.where.self: (1, 2),
+    aten.mm.default: (0, 1), aten.bmm.default: (0, 1),
+}
 
 
 @dataclass
@@ -148,9 +146,6 @@ class _Rewriter:
         self.nonfinite = nonfinite
         self.graph = capture.graph_module.graph
         self.region = gradient_region(analysis)
-        # Backward signals: computed from the seeds, before any sum over samples.
-        self.signals = _computed_from(capture.seed_placeholders()) - self.region
-        self._scaled_memo: dict[tuple[fx.Node, int], Any] = {}  # (signal, clip factors) -> scaled
         self.output_node = next(n for n in self.graph.nodes if n.op == "output")
         outputs = list(self.output_node.args[0])
         self.num_leaves = len(capture.output_is_differentiable)
@@ -267,7 +262,7 @@ class _Rewriter:
             return carrier
         for operand in operands:
             # A backward signal recomputable from a smaller one: scaling it frees it (below).
-            if operand in self.signals and self._smallest_upstream(self._views_of(operand)[-1])[0] > 0:
+            if self._is_signal(operand) and self._smallest_upstream(self._views_of(operand)[-1])[0] > 0:
                 return operand
         return min(operands, key=lambda a: a.meta["val"].numel())
 
@@ -301,18 +296,15 @@ class _Rewriter:
         When ``node`` is linear, per sample, in a backward signal at most half its size (an FFN's
         hidden gradient ``where(h > 0, g @ W, 0)`` from its output gradient ``g``), the smaller
         signal is scaled and ``node`` recomputed from it: the clipped sums then hold ``g`` instead
-        of ``node`` until the clip factors exist.
+        of ``node`` until the clip factors exist. (A recomputation asked for twice, for a weight
+        and its bias, is merged with :func:`merge_duplicates`.)
         """
-        key = (node, id(weights))
-        if key in self._scaled_memo:
-            return self._scaled_memo[key]
         best, chain = self._smallest_upstream(node)
         sd = self.analysis.of(chain[best])
         assert isinstance(sd, SampleDim)
         value = scale_samples(env[chain[best]], sd, weights)
         for k in range(best - 1, -1, -1):
             value = _call(chain[k], env, {chain[k + 1]: value})
-        self._scaled_memo[key] = value
         return value
 
     def _smallest_upstream(self, node: fx.Node) -> tuple[int, list[fx.Node]]:
@@ -328,41 +320,38 @@ class _Rewriter:
         best = min(range(len(chain)), key=lambda k: (numel[k], k))
         return (best if 2 * numel[best] <= numel[0] else 0), chain
 
+    def _is_signal(self, node: fx.Node) -> bool:
+        """A backward signal: computed from the seeds, before any sum over samples."""
+        return self.analysis.is_tangent(node) and node not in self.region
+
     def _linear_signal(self, node: fx.Node) -> fx.Node | None:
         """The one backward signal ``node`` is linear in, sample by sample (its other inputs
         fixed: weights, forward values, masks), or None."""
-        if node.op != "call_function":
+        positions = _LINEAR_OPERANDS.get(node.target) if node.op == "call_function" else None
+        if positions is None:
             return None
-        signals = [a for a in node.all_input_nodes if a in self.signals]
-        if len(signals) != 1 or not isinstance(self.analysis.of(signals[0]), SampleDim):
+        signals = [a for a in node.all_input_nodes if self._is_signal(a)]
+        if len(signals) != 1:
             return None
         (signal,) = signals
+        sd = self.analysis.of(signal)
         uses: list[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), lambda a: uses.append(a) if a is signal else None)
-        if len(uses) != 1:  # a product of the signal with itself is not linear in it
+        at = [k for k, a in enumerate(node.args) if a is signal]
+        # Read once (a product of the signal with itself is not linear in it), where linear.
+        if not isinstance(sd, SampleDim) or len(uses) != 1 or len(at) != 1 or at[0] not in positions:
             return None
-        target = node.target
-        if target in _VIEW_OPS | _IDENTITY_OPS | _TRANSPOSE_OPS:
-            return signal if node.args[0] is signal else None
-        if target in (aten.mm.default, aten.bmm.default):
-            # Scaling commutes with a product unless the signal's samples are summed over.
-            first = node.args[0] is signal
-            batched = target is aten.bmm.default
-            free = (1 if first else 2) if batched else (0 if first else 1)
-            dim = self.analysis.of(signal).dim  # type: ignore[union-attr]
-            return signal if dim == free or (batched and dim == 0) else None
-        if target in _LINEAR_IN_ANY:
-            return signal
-        if target in _LINEAR_IN_FIRST and node.args[0] is signal:
-            return signal
-        if target is aten.where.self and node.args[0] is not signal:
-            other = node.args[2] if node.args[1] is signal else node.args[1]
-            return signal if _is_zero(other) else None
-        return None
+        k = at[0]
+        if node.target is aten.where.self:
+            return signal if is_zero_scalar(node.args[3 - k]) else None
+        if node.target in (aten.mm.default, aten.bmm.default):
+            batched = node.target is aten.bmm.default
+            free = (1 if k == 0 else 2) if batched else (0 if k == 0 else 1)
+            return signal if sd.dim == free or (batched and sd.dim == 0) else None
+        return signal
 
     # ---- the whole step ---------------------------------------------------------------
     def __call__(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        self._scaled_memo.clear()
         placeholders = self.capture.placeholders()
         env: dict[fx.Node, Any] = dict(zip(placeholders, flat[: len(placeholders)]))
         mask, max_grad_norm = flat[len(placeholders)], flat[len(placeholders) + 1]

@@ -174,7 +174,7 @@ def _mask_reads(placeholder: fx.Node) -> tuple[fx.Node, list[fx.Node], bool] | N
     for where in wheres:
         if where.target is not aten.where.self or where.args[0] is not condition:
             return None
-        zero_branch = next((k for k in (1, 2) if _is_zero(where.args[k])), None)
+        zero_branch = next((k for k in (1, 2) if is_zero_scalar(where.args[k])), None)
         gradient = where.args[3 - zero_branch] if zero_branch is not None else None
         if gradient is None or not _same_shape_float(where, gradient, condition):
             return None
@@ -184,7 +184,7 @@ def _mask_reads(placeholder: fx.Node) -> tuple[fx.Node, list[fx.Node], bool] | N
     return condition, wheres, zero_branches.pop() == 1
 
 
-def _is_zero(node: Any) -> bool:
+def is_zero_scalar(node: Any) -> bool:
     """A 0-dim +0 made by ``scalar_tensor`` or ``full``."""
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return False
