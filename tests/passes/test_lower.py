@@ -81,3 +81,50 @@ def test_direct_graph_compiles_once_per_layout_and_records_no_history():
             torch.testing.assert_close(got, want)
             assert not got.requires_grad  # the caller's own backward differentiates it
     assert len(forward.compiled) == 2  # rows 4 (twice) and rows 7
+
+
+def _counting_registration(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Replace Inductor's joint-graph pattern registration with a counter of its calls."""
+    from torch._inductor.fx_passes import joint_graph
+
+    calls: list[int] = []
+    monkeypatch.setattr(joint_graph, "lazy_init", lambda *args, **kwargs: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("with_softmax", [False, True])
+def test_joint_patterns_are_registered_only_for_graphs_they_can_match(monkeypatch, with_softmax):
+    """On CPU, a graph with no softmax (and no randperm) is compiled without registering the
+    joint-graph patterns (none can match it); one with a softmax registers them."""
+    from passes.lower import compile_function
+
+    calls = _counting_registration(monkeypatch)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(x) * 2
+        return torch.softmax(y, -1) if with_softmax else y
+
+    x = torch.randn(4, 8)
+    # a graph from AOTAutograd's cache skips the joint-graph pass, and the registration, anyway
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        result = compile_function(f, [x])(x)
+    torch.testing.assert_close(result, f(x))
+    assert bool(calls) == with_softmax
+
+
+def test_unmatchable_patterns_context_restores_the_registration() -> None:
+    from torch._inductor.fx_passes import joint_graph
+
+    from passes.lower import unmatchable_patterns_unregistered
+
+    register = joint_graph.lazy_init
+    plain = make_fx(lambda x: x * 2)(torch.randn(3))
+    attention = make_fx(lambda x: torch.softmax(x, 0))(torch.randn(3))
+    with unmatchable_patterns_unregistered(plain, [torch.randn(3)]):
+        assert joint_graph.lazy_init is not register
+    assert joint_graph.lazy_init is register
+    with unmatchable_patterns_unregistered(attention, [torch.randn(3)]):
+        assert joint_graph.lazy_init is register
+    # off the CPU (a GPU's matrix products may be padded) the patterns stay: "meta" stands in
+    with unmatchable_patterns_unregistered(plain, [torch.empty(3, device="meta")]):
+        assert joint_graph.lazy_init is register
