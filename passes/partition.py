@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from passes.rewrite import PrivateGraph
+from passes.sample_blocks import output_gradients_in_blocks
 from passes.saved_values import (
     COMPARISONS,
     same_values_base,
@@ -49,7 +50,7 @@ def split(private: PrivateGraph) -> SplitGraphs:
         graphs = split_min_cut(private)
     except Exception:  # the partitioner is a private torch API: never fail a compile on it
         graphs = split_saving_all(private)
-    return saved_masks_as_bytes(shape_only_reads(recompute_saved_masks(graphs)))
+    return output_gradients_in_blocks(saved_masks_as_bytes(shape_only_reads(recompute_saved_masks(graphs))))
 
 
 def recompute_saved_masks(graphs: SplitGraphs) -> SplitGraphs:
