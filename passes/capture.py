@@ -28,7 +28,11 @@ import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 from torch import nn
 from torch._decomp import core_aten_decompositions
-from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+)
 from torch.func import functional_call, functionalize
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
@@ -78,6 +82,30 @@ def trace(fn: Callable[..., Any], *inputs: torch.Tensor) -> fx.GraphModule:
     mode for every node's value (a real-tensor trace gives each node its own, each keeping a
     stack trace for as long as the graph lives)."""
     return make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="fake")(*inputs)
+
+
+def _probe(run_forward: Callable[..., Any], values: dict[str, torch.Tensor], batch: Sequence[torch.Tensor]) -> Any:
+    """``run_forward``'s outputs on fake tensors: their structure, shapes and dtypes, with no compute.
+
+    An eager forward at the traced batch size allocated every activation while compiling and, on
+    CPU, left NNPACK's convolution workspace behind for good: 14 MiB for the CIFAR-10 CNN at
+    batch 256 (heaptrack), against none for ``torch.compile``, which traces with fake tensors.
+    A forward that fake tensors cannot run (a custom op without a fake kernel, a value read)
+    runs eagerly, as before; the trace that follows reports what it cannot capture."""
+    mode = FakeTensorMode()
+    try:
+        fake_values = {name: mode.from_tensor(v) for name, v in values.items()}
+        fake_batch = [mode.from_tensor(t) for t in batch]
+        with mode:
+            return run_forward(fake_values, fake_batch)
+    except Exception:
+        return run_forward(values, batch)
+
+
+def _ones_like(leaf: torch.Tensor) -> torch.Tensor:
+    """A real tensor of ones laid out as ``torch.ones_like`` lays out ``leaf`` (fake or real)."""
+    like = torch.empty_strided(leaf.shape, leaf.stride(), dtype=leaf.dtype, device=leaf.device)
+    return torch.ones_like(like)
 
 
 @dataclass
@@ -267,9 +295,9 @@ def capture(
             out = loss_fn(out, *batch_values[len(inputs) :])
         return out
 
-    # One eager forward: output structure, which outputs need seeds, and their shapes.
+    # One forward for the output structure, which outputs need seeds, and their shapes.
     with torch.no_grad(), rnn_as_matmuls():
-        probe = run_forward({**named, **buffers}, batch)
+        probe = _probe(run_forward, {**named, **buffers}, batch)
     leaves, spec = tree_flatten(probe)
     for k, leaf in enumerate(leaves):
         if not isinstance(leaf, torch.Tensor):
@@ -289,7 +317,7 @@ def capture(
                 "non-batch dimension."
             )
     differentiable = [leaf.is_floating_point() or leaf.is_complex() for leaf in leaves]
-    seeds = [torch.ones_like(leaf) for leaf, d in zip(leaves, differentiable) if d]
+    seeds = [_ones_like(leaf) for leaf, d in zip(leaves, differentiable) if d]
     if not seeds:
         raise OutputError(f"{type(model).__name__} has no floating-point output to differentiate")
 
