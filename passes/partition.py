@@ -45,7 +45,9 @@ class SplitGraphs:
 
 def split(private: PrivateGraph) -> SplitGraphs:
     """Cut the private graph at the seeds, recomputing cheap forward values in the backward and
-    saving no more of the rest than the backward reads (see :mod:`passes.saved_values`)."""
+    saving no more of the rest than the backward reads (see :mod:`passes.saved_values`); a first
+    convolution's output gradient is then made a block of samples at a time
+    (:mod:`passes.sample_blocks`)."""
     try:
         graphs = split_min_cut(private)
     except Exception:  # the partitioner is a private torch API: never fail a compile on it

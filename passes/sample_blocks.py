@@ -16,6 +16,7 @@ next. The values are the same: every op recomputed acts on each sample alone.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +51,7 @@ def output_gradients_in_blocks(graphs: SplitGraphs) -> SplitGraphs:
     calls = [n for n in graphs.backward.graph.nodes if n.target is torch.ops.dpcompile.conv_window_grads.default]
     if not calls:
         return graphs
-    backward = fx.GraphModule(graphs.backward, graphs.backward.graph.__deepcopy__())
+    backward = copy.deepcopy(graphs.backward)
     changed = False
     for call in [n for n in backward.graph.nodes if n.target is torch.ops.dpcompile.conv_window_grads.default]:
         changed |= _in_blocks(backward.graph, call)
@@ -113,17 +114,20 @@ def _per_sample(node: fx.Node, batch: int) -> bool:
         return bool(node.meta.get(UNFILLED))
     target: Any = node.target
     if target in PER_SAMPLE_OPS:
-        return all(_samples_first(a, batch) for a in node.all_input_nodes)
+        return all(_sample_rows(node, a, batch) for a in node.all_input_nodes)
     if target is aten._to_copy.default:
         pointwise = set(node.kwargs) <= {"dtype"}
     else:
         pointwise = torch.Tag.pointwise in getattr(target, "tags", ())
-    return pointwise and all(_samples_first(a, batch) or _broadcast(a, value.dim()) for a in node.all_input_nodes)
+    return pointwise and all(_sample_rows(node, a, batch) or _broadcast(a, value.dim()) for a in node.all_input_nodes)
 
 
-def _samples_first(node: fx.Node, batch: int) -> bool:
-    value = node.meta.get("val")
-    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+def _sample_rows(node: fx.Node, argument: fx.Node, batch: int) -> bool:
+    """``argument`` holds one row per sample, aligned with ``node``'s samples: of ``node``'s rank
+    (a pointwise op broadcasts from the last dimension) and ``batch`` rows."""
+    value, result = argument.meta.get("val"), node.meta.get("val")
+    return isinstance(value, torch.Tensor) and isinstance(result, torch.Tensor) \
+        and value.dim() == result.dim() and value.shape[0] == batch
 
 
 def _broadcast(node: fx.Node, dims: int) -> bool:
@@ -145,9 +149,11 @@ def _block_of(graph: fx.Graph, node: fx.Node, recomputed: set[fx.Node], batch: i
         block = _node(graph, node.target, ([hi - lo, *list(shape)[1:]], stride), dict(node.kwargs))  # type: ignore[arg-type]
         block.meta[UNFILLED] = True
     else:
-        args = fx.node.map_arg(node.args, lambda a: _block_of(graph, a, recomputed, batch, lo, hi, done)
-                               if _samples_first(a, batch) else a)
-        block = _node(graph, node.target, args, dict(node.kwargs))
+        def block_of(a: fx.Node) -> fx.Node:
+            return _block_of(graph, a, recomputed, batch, lo, hi, done) if _sample_rows(node, a, batch) else a
+
+        args, kwargs = fx.node.map_arg((node.args, dict(node.kwargs)), block_of)
+        block = _node(graph, node.target, args, kwargs)
     done[node] = block
     return block
 
