@@ -160,7 +160,8 @@ def _compile_graph(graph_module: fx.GraphModule, tensors: Sequence[Any],
 
 
 # Inductor's joint-graph patterns (registered once per process, before its first joint-graph
-# pass) each contain one of these ops, or match CUDA/XPU matrix products only (padding).
+# pass) each contain one of these ops (attention fusion, random indexing), or are registered or
+# match for CUDA/XPU tensors only (matrix-product padding, float8 scale extraction).
 _JOINT_PATTERN_OPS = ("softmax", "randperm")
 
 
