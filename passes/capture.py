@@ -371,6 +371,19 @@ def capture(
                 "values: replace Python branches on tensors with torch.where, and .item(), "
                 ".tolist() or nonzero() with tensor ops"
             ) from None
+        except AssertionError as error:
+            # FakeTensor's refusal of a real tensor the forward reads that is no input of the
+            # trace: a plain attribute or a global, not a parameter or a buffer.
+            if "convert all Tensors to FakeTensors" not in str(error):
+                raise
+            name, kind = scopes.stack[-1] if scopes.stack else ("", type(model).__name__)
+            where = f"module {_module_label(name, kind)}" if name else _module_label(name, kind)
+            raise UnsupportedOpError(
+                f"{where} reads a tensor that is neither a parameter nor a buffer (a plain "
+                "attribute or a global), which the traced step cannot take as an input: register "
+                "it with `self.register_buffer(name, tensor, persistent=False)` (it then also "
+                "follows the module's device and dtype)"
+            ) from None
         for node in traced.graph.nodes:
             node.meta.setdefault("custom", {})
 

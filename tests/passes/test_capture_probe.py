@@ -2,11 +2,13 @@
 
 import importlib
 
+import pytest
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from passes import capture
+from passes.errors import UnsupportedOpError
 
 capture_module = importlib.import_module("passes.capture")
 
@@ -34,6 +36,24 @@ def test_capture_computes_no_activation_while_compiling():
     assert [type(s) for s in seeds] == [torch.Tensor, torch.Tensor]  # real values, the integer output has none
     assert [tuple(s.shape) for s in seeds] == [(6, 5), (6, 5)] and all(bool((s == 1).all()) for s in seeds)
     assert cap.output_is_differentiable == [True, True, False]  # out, scores, index
+
+
+def test_a_tensor_held_as_a_plain_attribute_is_named_with_its_fix():
+    class Scaled(nn.Module):
+        def __init__(self, as_buffer: bool) -> None:
+            super().__init__()
+            self.net = nn.Linear(4, 3)
+            if as_buffer:
+                self.register_buffer("scale", torch.tensor(0.5), persistent=False)
+            else:
+                self.scale = torch.tensor(0.5)  # neither a parameter nor a buffer
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x) * self.scale
+
+    with pytest.raises(UnsupportedOpError, match=r"\(Scaled\) reads a tensor that is neither a parameter nor a buffer.*register_buffer"):
+        capture(Scaled(as_buffer=False), [torch.randn(6, 4)])
+    assert capture(Scaled(as_buffer=True), [torch.randn(6, 4)]).num_outputs == 1
 
 
 def test_a_forward_fake_tensors_cannot_run_runs_eagerly(monkeypatch):
