@@ -115,10 +115,14 @@ def _per_sample(node: fx.Node, batch: int) -> bool:
     target: Any = node.target
     if target in PER_SAMPLE_OPS:
         return all(_sample_rows(node, a, batch) for a in node.all_input_nodes)
+    tags = getattr(target, "tags", ())
+    schema = getattr(target, "_schema", None)
+    if torch.Tag.nondeterministic_seeded in tags or schema is None or schema.is_mutable:
+        return False  # a random draw or a write must happen once, not once per block
     if target is aten._to_copy.default:
         pointwise = set(node.kwargs) <= {"dtype"}
     else:
-        pointwise = torch.Tag.pointwise in getattr(target, "tags", ())
+        pointwise = torch.Tag.pointwise in tags
     return pointwise and all(_sample_rows(node, a, batch) or _broadcast(a, value.dim()) for a in node.all_input_nodes)
 
 

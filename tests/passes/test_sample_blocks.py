@@ -86,3 +86,17 @@ def test_a_gradient_the_input_gradient_reads_stays_whole(small_blocks):
 def test_blocks_no_smaller_than_the_batch_leave_the_graph_alone():
     cap, whole, blocked = _split_both_ways(cnn(nn.AvgPool2d(2)), torch.randn(5, 3, 8, 8))
     assert blocked.backward is whole.backward or len(_calls(blocked)) == len(_calls(whole)) == 1
+
+
+def test_only_deterministic_functional_per_sample_ops_are_recomputed():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(g, mask, bias):
+        drawn = torch.bernoulli(torch.sigmoid(g))  # a random draw: made once, then sliced
+        return torch.where(mask, 0.0, g * drawn) + bias  # pointwise, bias broadcast over samples
+
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(6, 4, 3), torch.rand(6, 4, 3) > 0.5, torch.randn(4, 3))
+    verdicts = {n.target: sample_blocks._per_sample(n, 6) for n in gm.graph.nodes if n.op == "call_function"}
+    assert verdicts[aten.bernoulli.default] is False
+    assert verdicts[aten.where.self] is True and verdicts[aten.add.Tensor] is True
+    assert verdicts[aten.sigmoid.default] is True
