@@ -8,9 +8,8 @@ is the first layer's 32 MiB ``where(mask, 0, avg_pool2d_backward(g))``, the larg
 the private step's peak (77 MiB of tensors, non-private training's peak being 73 MiB).
 
 The pass here recomputes such a gradient block by block from slices of what it is made from (the
-pooling backward's input gradient, the saved byte mask; or a GroupNorm's output gradient and
-statistics, its decomposed backward being pointwise ops, re-layouts and per-sample reductions),
-each block right before a window call of its own, so at most one block is live. Inductor keeps each block's kernel apart and in order
+pooling backward's input gradient, the saved byte mask), each block right before a window call
+of its own, so at most one block is live. Inductor keeps each block's kernel apart and in order
 between the calls (extern kernels are not fused across), and reuses one block's buffer for the
 next. The values are the same: every op recomputed acts on each sample alone.
 """
@@ -104,22 +103,10 @@ def _in_blocks(graph: fx.Graph, call: fx.Node) -> bool:
     return True
 
 
-# Ops that keep each sample's values in its own row when their samples-first input keeps its first
-# dimension: re-layouts and reductions over the other dimensions (a normalization's decomposed
-# backward is made of them and pointwise ops). Sizes are respelled for a block (see _block_of).
-_RESIZED = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default}
-_LAYOUT_OPS = {
-    *_RESIZED, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.permute.default,
-    aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default,
-    aten.clone.default, aten.alias.default,
-}
-
-
 def _per_sample(node: fx.Node, batch: int) -> bool:
     """``node`` computes each of ``batch`` samples (its first dimension) from that sample's rows
     of its inputs alone: a pointwise op whose inputs are samples-first or broadcast over the
-    samples, a per-sample backward op, a re-layout or reduction that keeps the samples first, or
-    an unfilled tensor lending a shape."""
+    samples, a per-sample backward op, or an unfilled tensor lending a shape."""
     value = node.meta.get("val")
     if node.op != "call_function" or not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch:
         return False
@@ -127,9 +114,7 @@ def _per_sample(node: fx.Node, batch: int) -> bool:
         return bool(node.meta.get(UNFILLED))
     target: Any = node.target
     if target in PER_SAMPLE_OPS:
-        return all(_rows(a, batch) for a in node.all_input_nodes)
-    if target in _LAYOUT_OPS:
-        return _keeps_samples_first(node, batch)
+        return all(_sample_rows(node, a, batch) for a in node.all_input_nodes)
     tags = getattr(target, "tags", ())
     schema = getattr(target, "_schema", None)
     if torch.Tag.nondeterministic_seeded in tags or schema is None or schema.is_mutable:
@@ -141,46 +126,12 @@ def _per_sample(node: fx.Node, batch: int) -> bool:
     return pointwise and all(_sample_rows(node, a, batch) or _broadcast(a, value.dim()) for a in node.all_input_nodes)
 
 
-def _keeps_samples_first(node: fx.Node, batch: int) -> bool:
-    """A re-layout or reduction of a samples-first input that leaves its first dimension alone."""
-    source = node.args[0]
-    if not isinstance(source, fx.Node) or not _rows(source, batch) or len(node.all_input_nodes) != 1:
-        return False
-    rank: int = source.meta["val"].dim()
-    target = node.target
-    argument: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if target in _RESIZED:
-        return isinstance(argument, (list, tuple)) and len(argument) > 0 and argument[0] == batch
-    if target is aten.unsqueeze.default:
-        return int(argument) % (rank + 1) != 0
-    if target in (aten.squeeze.dim, aten.squeeze.dims, aten.sum.dim_IntList, aten.mean.dim,
-                  aten.amax.default, aten.amin.default):
-        dims = [argument] if isinstance(argument, int) else argument
-        # no dimensions means all of them, the samples' included
-        return isinstance(dims, (list, tuple)) and len(dims) > 0 and all(int(d) % rank != 0 for d in dims)
-    if target is aten.permute.default:
-        return int(argument[0]) % rank == 0
-    return True  # clone, alias
-
-
-def _rows(node: fx.Node, batch: int) -> bool:
-    value = node.meta.get("val")
-    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
-
-
 def _sample_rows(node: fx.Node, argument: fx.Node, batch: int) -> bool:
     """``argument`` holds one row per sample, aligned with ``node``'s samples: of ``node``'s rank
     (a pointwise op broadcasts from the last dimension) and ``batch`` rows."""
     value, result = argument.meta.get("val"), node.meta.get("val")
     return isinstance(value, torch.Tensor) and isinstance(result, torch.Tensor) \
         and value.dim() == result.dim() and value.shape[0] == batch
-
-
-def _sliced_argument(node: fx.Node, argument: fx.Node, batch: int) -> bool:
-    """Whether ``node``'s block reads ``argument``'s block (else ``argument`` whole)."""
-    if node.target in PER_SAMPLE_OPS or node.target in _LAYOUT_OPS:
-        return _rows(argument, batch)
-    return _sample_rows(node, argument, batch)
 
 
 def _broadcast(node: fx.Node, dims: int) -> bool:
@@ -203,12 +154,9 @@ def _block_of(graph: fx.Graph, node: fx.Node, recomputed: set[fx.Node], batch: i
         block.meta[UNFILLED] = True
     else:
         def block_of(a: fx.Node) -> fx.Node:
-            return _block_of(graph, a, recomputed, batch, lo, hi, done) if _sliced_argument(node, a, batch) else a
+            return _block_of(graph, a, recomputed, batch, lo, hi, done) if _sample_rows(node, a, batch) else a
 
         args, kwargs = fx.node.map_arg((node.args, dict(node.kwargs)), block_of)
-        if node.target in _RESIZED:  # the sizes name the batch: a block's instead
-            sizes: Any = args[1]
-            args = (args[0], [hi - lo, *list(sizes)[1:]], *args[2:])
         block = _node(graph, node.target, args, kwargs)
     done[node] = block
     return block

@@ -100,27 +100,3 @@ def test_only_deterministic_functional_per_sample_ops_are_recomputed():
     assert verdicts[aten.bernoulli.default] is False
     assert verdicts[aten.where.self] is True and verdicts[aten.add.Tensor] is True
     assert verdicts[aten.sigmoid.default] is True
-
-
-@pytest.mark.parametrize("norm", [nn.GroupNorm(4, 32), nn.GroupNorm(4, 32, affine=False), nn.GroupNorm(32, 32)],
-                         ids=["groups", "no-affine", "instance-like"])
-def test_a_normalization_backward_is_recomputed_by_blocks_too(small_blocks, norm):
-    """A GroupNorm after the first convolution: its decomposed backward (pointwise ops, views and
-    per-sample reductions) makes the first layer's output gradient, recomputed by blocks; the
-    gradient it starts from (the ReLU's) stays whole, read by the norm's own per-sample norms."""
-    batch = 7
-    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), norm, nn.ReLU(), nn.Conv2d(32, 8, 3, padding=1),
-                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
-    cap, whole, blocked = _split_both_ways(model, torch.randn(batch, 3, 8, 8))
-    assert len(_calls(whole)) == 1 and [int(c.meta["val"].shape[0]) for c in _calls(blocked)] == [2, 2, 2, 1]
-    numel = batch * 32 * 8 * 8
-
-    def whole_values(graphs) -> int:
-        placeholders = [n for n in graphs.backward.graph.nodes if n.op == "placeholder"]
-        return sum(1 for n in _computed_from(placeholders[graphs.num_saved:-2])
-                   if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
-                   and n.meta["val"].numel() == numel and torch.Tag.pointwise in getattr(n.target, "tags", ()))
-
-    assert whole_values(blocked) < whole_values(whole)
-    for a, b in zip(_run(cap, whole), _run(cap, blocked)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
