@@ -57,17 +57,29 @@ def cnn(pool: nn.Module) -> nn.Module:
     )
 
 
-@pytest.mark.parametrize("pool", [nn.AvgPool2d(2), nn.MaxPool2d(2), nn.Identity()], ids=["avg", "max", "none"])
+@pytest.mark.parametrize("pool", [nn.AvgPool2d(2), nn.MaxPool2d(2)], ids=["avg", "max"])
 def test_first_layer_gradient_in_blocks_gives_the_same_results(small_blocks, pool):
     batch = 7  # blocks of 2, 2, 2 and 1 sample
     cap, whole, blocked = _split_both_ways(cnn(pool), torch.randn(batch, 3, 8, 8))
     assert len(_calls(whole)) == 1 and len(_calls(blocked)) == 4
     assert [int(c.meta["val"].shape[0]) for c in _calls(blocked)] == [2, 2, 2, 1]
-    # the first layer's output gradient (the ReLU's backward, a select) never exists whole: only
-    # what it is made from does (with no pool, the next layer's input gradient, of its size)
+    # the first layer's output gradient (the ReLU's backward, a select) never exists whole
     assert _whole_selects(whole, (batch, 32, 8, 8)) and not _whole_selects(blocked, (batch, 32, 8, 8))
     for a, b in zip(_run(cap, whole), _run(cap, blocked)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("after", [nn.Identity(), nn.GroupNorm(4, 32)], ids=["relu", "groupnorm"])
+def test_a_gradient_made_from_values_its_size_stays_whole(small_blocks, after):
+    """Blocks keep what they are sliced from live until the last one. Where that is as large as
+    the gradient (the next layer's input gradient, with no pool between; a GroupNorm's input and
+    output gradient) the gradient is made whole, as before."""
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), after, nn.ReLU(), nn.Conv2d(32, 8, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    cap, whole, blocked = _split_both_ways(model, torch.randn(7, 3, 8, 8))
+    assert len(_calls(whole)) == len(_calls(blocked)) == 1
+    for a, b in zip(_run(cap, whole), _run(cap, blocked)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_a_gradient_the_input_gradient_reads_stays_whole(small_blocks):
