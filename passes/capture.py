@@ -176,6 +176,11 @@ class _ModuleScopes:
             self.last = node
             node = node.next
 
+    def current(self, model: nn.Module) -> str:
+        """The module whose forward is being traced, for an error message."""
+        name, kind = self.stack[-1] if self.stack else ("", type(model).__name__)
+        return f"module {_module_label(name, kind)}" if name else _module_label(name, kind)
+
     def _pre(self, module: nn.Module, args: Any) -> None:
         self._flush()
         self.stack.append((self.names.get(id(module), ""), type(module).__name__))
@@ -362,8 +367,7 @@ def capture(
         try:
             traced = trace(joint, *flat_inputs)
         except _DATA_DEPENDENT as error:
-            name, kind = scopes.stack[-1] if scopes.stack else ("", type(model).__name__)
-            where = f"module {_module_label(name, kind)}" if name else _module_label(name, kind)
+            where = scopes.current(model)
             first = str(error).strip().splitlines()[0][:200]
             raise UnsupportedOpError(
                 f"{where} reads a tensor's value to decide what to compute ({first}). dpcompile "
@@ -376,8 +380,7 @@ def capture(
             # trace: a plain attribute or a global, not a parameter or a buffer.
             if "convert all Tensors to FakeTensors" not in str(error):
                 raise
-            name, kind = scopes.stack[-1] if scopes.stack else ("", type(model).__name__)
-            where = f"module {_module_label(name, kind)}" if name else _module_label(name, kind)
+            where = scopes.current(model)
             raise UnsupportedOpError(
                 f"{where} reads a tensor that is neither a parameter nor a buffer (a plain "
                 "attribute or a global), which the traced step cannot take as an input: register "

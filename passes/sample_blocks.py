@@ -54,12 +54,11 @@ def output_gradients_in_blocks(graphs: SplitGraphs) -> SplitGraphs:
     """The same split, with each window call whose output gradient is read by it alone, and made
     by per-sample ops, taking that gradient a block of samples at a time (each block recomputed
     from slices of the ops' inputs just before its own call)."""
-    calls = [n for n in graphs.backward.graph.nodes if n.target is torch.ops.dpcompile.conv_window_grads.default]
-    if not calls:
+    if not _window_calls(graphs.backward.graph):
         return graphs
     backward = copy.deepcopy(graphs.backward)
     changed = False
-    for call in [n for n in backward.graph.nodes if n.target is torch.ops.dpcompile.conv_window_grads.default]:
+    for call in _window_calls(backward.graph):
         changed |= _in_blocks(backward.graph, call)
     if not changed:
         return graphs
@@ -67,6 +66,10 @@ def output_gradients_in_blocks(graphs: SplitGraphs) -> SplitGraphs:
     backward.graph.lint()
     backward.recompile()
     return dataclasses.replace(graphs, backward=backward)
+
+
+def _window_calls(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.target is torch.ops.dpcompile.conv_window_grads.default]
 
 
 def _in_blocks(graph: fx.Graph, call: fx.Node) -> bool:
